@@ -1,0 +1,119 @@
+"""Saliency methods over any differentiable classifier x (B, T, N) -> logits (B, C).
+
+Used by the HTTP service and by offline evaluation. One method per module, captum-style:
+
+    gradient              d logit / d x                        (captum Saliency(abs=False))
+    input_x_gradient      x * d logit / d x                    (captum InputXGradient)
+    integrated_gradients  path integral from a baseline        (captum IntegratedGradients)
+    smoothgrad            mean gradient over noisy copies      (captum NoiseTunnel smoothgrad)
+    occlusion             logit drop when a window is masked   (captum Occlusion)
+    tsr                   Temporal Saliency Rescaling over any of the above
+
+Every method takes targets (B, K) (K class indices per sample; K = C for all classes) and
+returns (B, K, T, N) signed raw attributions in x's dtype, detached; taking |.| and normalising
+is the caller's business. Gradient-based methods get all K targets of all rows from one forward
+and one backward (``torch.autograd.grad(..., is_grads_batched=True)``), with a per-target loop
+as fallback for graphs that cannot be vmapped.
+
+``tsr`` (the function, re-exported from the module of the same name, which stays importable as
+``from attribution.tsr import ...``) takes a base method's name first.
+
+``estimate_cost`` / ``tsr_cost`` give, before running anything, the work a call will do in
+forward-equivalents (one sample through the forward = 1, one backward per target =
+``BACKWARD_COST``), and validate the parameters as the call would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor
+
+from attribution import gradient as _gradient
+from attribution import input_x_gradient as _input_x_gradient
+from attribution import integrated_gradients as _integrated_gradients
+from attribution import occlusion as _occlusion
+from attribution import smoothgrad as _smoothgrad
+from attribution import tsr as _tsr
+from attribution.core import BACKWARD_COST, Forward, input_gradients, reject_unknown
+from attribution.tsr import tsr  # the function: from here on, attribution.tsr is this
+
+__all__ = [
+    "BACKWARD_COST",
+    "Forward",
+    "METHODS",
+    "Method",
+    "attribute",
+    "estimate_cost",
+    "input_gradients",
+    "resolve_method",
+    "tsr",
+    "tsr_cost",
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: the attribution function, its parameter names and cost model."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    params: tuple[str, ...]
+    cost: Callable[..., int]
+    gradient_based: bool
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        reject_unknown(self.name, params, self.params)
+
+
+def _method(module: Any, gradient_based: bool) -> Method:
+    return Method(
+        name=module.NAME,
+        fn=getattr(module, module.NAME),
+        params=module.PARAMS,
+        cost=module.cost,
+        gradient_based=gradient_based,
+    )
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        _method(_gradient, True),
+        _method(_input_x_gradient, True),
+        _method(_integrated_gradients, True),
+        _method(_smoothgrad, True),
+        _method(_occlusion, False),
+    )
+}
+
+
+def resolve_method(method: Any) -> Method:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    return METHODS[method]
+
+
+def attribute(
+    method: str, forward: Forward, x: Tensor, targets: Tensor, /, **params: Any
+) -> Tensor:
+    """(B, K, T, N) attributions of ``targets`` (B, K) by ``method`` (a key of METHODS)."""
+    spec = resolve_method(method)
+    spec.check_params(params)
+    return spec.fn(forward, x, targets, **params)
+
+
+def estimate_cost(
+    method: str, batch: int, time_steps: int, features: int, n_targets: int, **params: Any
+) -> int:
+    """Forward-equivalents that ``attribute(method, ...)`` will spend on a (batch, time_steps,
+    features) input with ``n_targets`` targets per sample; raises ValueError on bad params."""
+    return resolve_method(method).cost(batch, time_steps, features, n_targets, **params)
+
+
+def tsr_cost(
+    base_method: str, batch: int, time_steps: int, features: int, n_targets: int, **params: Any
+) -> int:
+    """Upper bound of the forward-equivalents ``tsr(base_method, ...)`` will spend."""
+    return _tsr.cost(base_method, batch, time_steps, features, n_targets, **params)

@@ -1,0 +1,303 @@
+"""Parallel input-cell attention vs the step-by-step definition, on CPU.
+
+    python benchmarks/bench_ica.py [--threads 1] [--repeats-small 21] [--repeats-large 7]
+
+Model: ICA-LSTM, matrix variant (the paper's), float32, eval mode, at the paper's sizes:
+T = 100, N = 100, r = 20, d_a = 50, hidden 5 and 64, batch 1 and 50. Two paths compute the same
+logits from the same weights:
+
+- parallel: `RecurrentClassifier` (prefix-sum ICA for all steps, then a fused nn.LSTM);
+- reference: `tests/ica_reference.py`, attention recomputed over the prefix at every step and the
+  LSTM gate equations applied one step at a time in Python (the authors' formulation).
+
+Modes: `forward` (under torch.no_grad) and `forward+grad` (logits, then the gradient of the
+class-0 score w.r.t. the input: one saliency map). Repetitions of the two paths are interleaved
+(alternating which goes first) and the median is reported. The max abs difference between the
+two paths' outputs (logits, or input-gradients) is reported beside the timings.
+
+Writes benchmarks/results/ica.json and the table between `<!-- ica:start -->` and
+`<!-- ica:end -->` in BENCHMARKS.md.
+
+Threads default to 1: the per-step GEMMs of an RNN are tiny, and on a shared machine a second
+intra-op thread turns every step into an OpenMP barrier wait on a busy core (the fused LSTM was
+measured 30-100x slower that way). Pass --threads to change it; the value is recorded.
+
+--tuned-malloc re-runs the script with glibc's mmap and trim thresholds raised (GLIBC_TUNABLES), so
+the multi-MB float64 buffers of the parallel path are reused instead of being mmapped, page-faulted
+and zeroed afresh on every call; the default is a plain process, as a server would get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+for _p in (str(ROOT), str(ROOT / "tests")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from ica_reference import reference_forward  # noqa: E402
+
+from training.models import ModelConfig, build_model  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "ica.json"
+MARKDOWN = ROOT / "BENCHMARKS.md"
+START, END = "<!-- ica:start -->", "<!-- ica:end -->"
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+
+T, N, R, D_A = 100, 100, 20, 50
+HIDDENS = (5, 64)
+BATCHES = (1, 50)
+MODES = ("forward", "forward+grad")
+TARGET_SPEEDUP = 10.0  # batch 1, forward+grad
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        usable = os.cpu_count()
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        load = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg_at_start": load,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+    }
+
+
+def _run(fn, x: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "forward":
+        with torch.no_grad():
+            return fn(x)
+    xg = x.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn(xg)[:, 0].sum(), xg)
+    return grad
+
+
+def _time(fn, x: torch.Tensor, mode: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    cpu, start = time.process_time(), time.perf_counter()
+    _run(fn, x, mode)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def bench_case(hidden: int, batch: int, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(
+            n_features=N, attention="ica", ica_variant="matrix", hidden=hidden, r=R, d_a=D_A
+        )
+    ).eval()
+    x = torch.randn(batch, T, N, generator=torch.Generator().manual_seed(1))
+    paths = {"parallel": model, "reference": lambda z: reference_forward(model, z)}
+    rows = []
+    for mode in MODES:
+        outs = {name: _run(fn, x, mode) for name, fn in paths.items()}  # warm-up, and the check
+        diff = (outs["parallel"] - outs["reference"]).abs().max().item()
+        scale = outs["reference"].abs().max().item()
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        cpu: dict[str, list[float]] = {name: [] for name in paths}
+        for rep in range(repeats):
+            order = list(paths) if rep % 2 == 0 else list(reversed(paths))
+            for name in order:
+                wall, used = _time(paths[name], x, mode)
+                times[name].append(wall)
+                cpu[name].append(used)
+        par = statistics.median(times["parallel"])
+        ref = statistics.median(times["reference"])
+        par_cpu = statistics.median(cpu["parallel"])
+        ref_cpu = statistics.median(cpu["reference"])
+        rows.append(
+            {
+                "model": "ICA-LSTM (matrix)",
+                "T": T, "N": N, "r": R, "d_a": D_A,
+                "hidden": hidden,
+                "batch": batch,
+                "mode": mode,
+                "repeats": repeats,
+                "parallel_ms": par * 1e3,
+                "reference_ms": ref * 1e3,
+                "parallel_ms_min": min(times["parallel"]) * 1e3,
+                "reference_ms_min": min(times["reference"]) * 1e3,
+                "speedup": ref / par,
+                "parallel_cpu_ms": par_cpu * 1e3,
+                "reference_cpu_ms": ref_cpu * 1e3,
+                "speedup_cpu_time": ref_cpu / par_cpu,
+                "max_abs_diff": diff,
+                "max_abs_reference": scale,
+                "compared": "logits" if mode == "forward" else "input-gradient of class-0 score",
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict], machine: dict) -> str:
+    lines = [
+        "### Input-cell attention: parallel vs step-by-step (CPU)",
+        "",
+        f"ICA-LSTM (matrix variant), float32, T={T}, N={N}, r={R}, d_a={D_A}; "
+        "median of interleaved repeats; `max abs diff` compares the logits (forward) or the "
+        "input-gradient of the class-0 score (forward+grad) of the two paths. "
+        "Generated by `python benchmarks/bench_ica.py`.",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores "
+        f"({machine['usable_cores']} usable), torch {machine['torch']}, "
+        f"{machine['torch_threads']} intra-op thread(s), load average at start "
+        f"{machine['load_avg_at_start']}"
+        + (f", GLIBC_TUNABLES={machine['glibc_tunables']}" if machine["glibc_tunables"] else "")
+        + ".",
+        "",
+        "| hidden | batch | mode | parallel (ms) | step-by-step (ms) | speedup | speedup, CPU time "
+        "| max abs diff |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['hidden']} | {r['batch']} | {r['mode']} | {r['parallel_ms']:.2f} | "
+            f"{r['reference_ms']:.2f} | {r['speedup']:.1f}x | {r['speedup_cpu_time']:.1f}x | "
+            f"{r['max_abs_diff']:.1e} |"
+        )
+    lines += [
+        "",
+        "Times are wall-clock medians; `speedup, CPU time` is the ratio of median process CPU "
+        "time (single thread), less sensitive to other load on a shared machine.",
+    ]
+    return "\n".join(lines)
+
+
+def write_markdown(table: str) -> None:
+    block = f"{START}\n{table}\n{END}"
+    if MARKDOWN.exists():
+        text = MARKDOWN.read_text()
+        if START in text and END in text and text.index(START) < text.index(END):
+            head, rest = text.split(START, 1)
+            _, tail = rest.split(END, 1)
+            text = head + block + tail
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+    else:
+        text = (
+            "# Benchmarks\n\n"
+            "Measured results. Each section is generated by the script it names and is rewritten "
+            "only between its own markers.\n\n" + block + "\n"
+        )
+    MARKDOWN.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--repeats-small", type=int, default=21, help="repeats at batch 1")
+    parser.add_argument("--repeats-large", type=int, default=7, help="repeats at batch 50")
+    parser.add_argument("--tuned-malloc", action="store_true",
+                        help="re-run with glibc malloc thresholds raised (see module docstring)")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no files")
+    args = parser.parse_args(argv)
+    if args.tuned_malloc and MALLOC_TUNABLES not in os.environ.get("GLIBC_TUNABLES", ""):
+        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+        script = str(Path(__file__).resolve())
+        os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], env)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    torch.set_num_threads(args.threads)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=120)
+    machine = machine_info()
+    console.print(
+        f"[bold]Machine:[/] {machine['cpu']} | {machine['cores']} cores "
+        f"({machine['usable_cores']} usable) | torch {machine['torch']} | "
+        f"{machine['torch_threads']} thread(s) | load avg {machine['load_avg_at_start']}"
+    )
+    began = time.perf_counter()
+    rows: list[dict] = []
+    for hidden in HIDDENS:
+        for batch in BATCHES:
+            repeats = args.repeats_small if batch == 1 else args.repeats_large
+            console.print(f"  hidden={hidden} batch={batch} ({repeats} repeats) ...")
+            rows.extend(bench_case(hidden, batch, repeats))
+    elapsed = time.perf_counter() - began
+
+    table = Table(title=f"ICA-LSTM (matrix), T={T} N={N} r={R} d_a={D_A}, float32, CPU")
+    for col, justify in [
+        ("hidden", "right"), ("batch", "right"), ("mode", "left"), ("parallel ms", "right"),
+        ("step-by-step ms", "right"), ("speedup", "right"), ("speedup (CPU time)", "right"),
+        ("max abs diff", "right"),
+    ]:
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(
+            str(r["hidden"]), str(r["batch"]), r["mode"], f"{r['parallel_ms']:.2f}",
+            f"{r['reference_ms']:.2f}", f"{r['speedup']:.1f}x", f"{r['speedup_cpu_time']:.1f}x",
+            f"{r['max_abs_diff']:.1e}",
+        )
+    console.print(table)
+
+    target_rows = [r for r in rows if r["batch"] == 1 and r["mode"] == "forward+grad"]
+    met = all(r["speedup"] >= TARGET_SPEEDUP for r in target_rows)
+    worst_diff = max(r["max_abs_diff"] for r in rows)
+    console.print(
+        f"target: >= {TARGET_SPEEDUP:.0f}x at batch 1, forward+grad: "
+        + ("[green]met[/]" if met else "[red]NOT met[/]")
+        + " (wall / CPU time: "
+        + ", ".join(f"hidden {r['hidden']}: {r['speedup']:.1f}x / {r['speedup_cpu_time']:.1f}x"
+                    for r in target_rows)
+        + ")"
+    )
+    console.print(f"largest max abs diff parallel vs step-by-step: {worst_diff:.1e}; "
+                  f"benchmark time {elapsed:.0f} s")
+
+    if not args.no_write:
+        payload = {
+            "benchmark": "ica_parallel_vs_step_by_step",
+            "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine,
+            "settings": {
+                "device": "cpu", "dtype": "float32", "model": "ICA-LSTM (matrix)", "T": T, "N": N,
+                "r": R, "d_a": D_A, "hiddens": list(HIDDENS), "batches": list(BATCHES),
+                "statistic": "median of interleaved repeats (wall clock; CPU time also recorded)",
+                "repeats_small": args.repeats_small, "repeats_large": args.repeats_large,
+                "tuned_malloc": bool(machine["glibc_tunables"]),
+            },
+            "target": {"speedup": TARGET_SPEEDUP, "at": "batch 1, forward+grad", "met": met},
+            "elapsed_s": elapsed,
+            "results": rows,
+        }
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
+        write_markdown(markdown_table(rows, machine))
+        console.print(f"wrote {RESULTS.relative_to(ROOT)} and {MARKDOWN.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

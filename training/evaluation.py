@@ -1,0 +1,222 @@
+"""Scoring saliency against ground truth, as the paper does (PAPER.md, "Scoring an explanation").
+
+Per sample, with R the binary ground-truth mask (T x N) and S = |saliency of the true class|
+min-max scaled to [0, 1] over the whole T x N matrix:
+
+- weighted Jaccard   sum(min(R, S)) / sum(max(R, S))                 higher is better, in [0, 1]
+- Euclidean          ||R - S||_2 / ||R||_2                           lower is better
+- ROC-AUC            of S as a score for R (rank-based, ties count 1/2)   0.5 = chance
+- top-k Jaccard      |top_k(S) & R| / |top_k(S) | R| with k = |R|     in [0, 1]
+- box-time mass      share of S's mass on the time steps the box covers (not in the paper: the
+                     time-only view of its claim; uniform saliency scores the box's share of steps)
+
+each averaged over the samples where it is defined (a sample whose mask is empty has no
+Euclidean; one whose mask is empty or full has no AUC). A constant saliency map (e.g. all zeros)
+scales to S = 0 everywhere, like sklearn's minmax_scale: WJac 0, Euc 1, AUC 0.5. The top-k set of
+a map with ties at the k-th value is not unique; ties are broken by position (stable sort), so a
+constant map gets the first k cells.
+
+`evaluate_saliency` computes the saliency (the `attribution` package) in batches and scores it,
+together with the model's accuracy on the same samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+METRICS = ("weighted_jaccard", "euclidean", "auc", "topk_jaccard", "box_time_mass")
+METHODS = ("gradient", "tsr")
+
+
+# -- per-sample metrics ------------------------------------------------------------------------
+def minmax_scale(saliency: np.ndarray) -> np.ndarray:
+    """|saliency| of each sample (S, T, N) scaled to [0, 1] over its T x N map; constant -> 0."""
+    a = np.abs(np.asarray(saliency, dtype=np.float64))
+    flat = a.reshape(len(a), -1)
+    lo = flat.min(axis=1, keepdims=True)
+    span = flat.max(axis=1, keepdims=True) - lo
+    out = (flat - lo) / np.where(span > 0, span, 1.0)
+    return out.reshape(a.shape)
+
+
+def weighted_jaccard(R: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Per sample sum(min(R, S)) / sum(max(R, S)); NaN where both are all zero."""
+    R, S = _flat(R), _flat(S)
+    num = np.minimum(R, S).sum(axis=1)
+    den = np.maximum(R, S).sum(axis=1)
+    return np.divide(num, den, out=np.full(len(R), np.nan), where=den > 0)
+
+
+def euclidean(R: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Per sample ||R - S|| / ||R||; NaN where the mask is empty."""
+    R, S = _flat(R), _flat(S)
+    num = np.linalg.norm(R - S, axis=1)
+    den = np.linalg.norm(R, axis=1)
+    return np.divide(num, den, out=np.full(len(R), np.nan), where=den > 0)
+
+
+def roc_auc(R: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Per sample ROC-AUC of scores S for the binary labels R (Mann-Whitney U, average ranks for
+    ties, so a constant S gives 0.5); NaN where R is all 0 or all 1."""
+    R, S = _flat(R).astype(bool), _flat(S)
+    out = np.full(len(R), np.nan)
+    for i, (r, s) in enumerate(zip(R, S)):
+        n_pos = int(r.sum())
+        n_neg = r.size - n_pos
+        if n_pos == 0 or n_neg == 0:
+            continue
+        ranks = _average_ranks(s)
+        out[i] = (ranks[r].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return out
+
+
+def topk_jaccard(R: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Per sample Jaccard of the k most salient cells with the mask, k = number of mask cells;
+    NaN where the mask is empty."""
+    R, S = _flat(R).astype(bool), _flat(S)
+    out = np.full(len(R), np.nan)
+    for i, (r, s) in enumerate(zip(R, S)):
+        k = int(r.sum())
+        if k == 0:
+            continue
+        top = np.argsort(-s, kind="stable")[:k]
+        inter = int(r[top].sum())
+        out[i] = inter / (2 * k - inter)
+    return out
+
+
+def score_saliency(saliency: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+    """The four metrics averaged over samples: raw (signed or not) saliency (S, T, N) of the true
+    class against boolean masks (S, T, N). Also `n`, the number of samples."""
+    saliency = np.asarray(saliency)
+    masks = np.asarray(masks)
+    if saliency.shape != masks.shape or saliency.ndim != 3:
+        raise ValueError(f"saliency {saliency.shape} and masks {masks.shape} must both be (S, T, N)")
+    S = minmax_scale(saliency)
+    R = masks.astype(np.float64)
+    per_sample = {
+        "weighted_jaccard": weighted_jaccard(R, S),
+        "euclidean": euclidean(R, S),
+        "auc": roc_auc(R, S),
+        "topk_jaccard": topk_jaccard(R, S),
+        "box_time_mass": box_time_mass(R, S),
+    }
+    out = {name: _nanmean(v) for name, v in per_sample.items()}
+    out["n"] = float(len(S))
+    return out
+
+
+def box_time_mass(R: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Per sample, the share of saliency mass on the time steps the box covers (any feature);
+    NaN where the map is all zero or the mask empty. A time-only view of "where the evidence
+    was": uniform saliency scores the share of steps in the box, vanishing saliency ~0 for an
+    early box."""
+    R, S = np.asarray(R, dtype=bool), np.abs(np.asarray(S, dtype=np.float64))
+    steps = R.any(axis=2)  # (S, T)
+    per_step = S.sum(axis=2)
+    total = per_step.sum(axis=1)
+    inside = (per_step * steps).sum(axis=1)
+    ok = (total > 0) & steps.any(axis=1)
+    return np.divide(inside, total, out=np.full(len(R), np.nan), where=ok)
+
+
+def time_profile(saliency: np.ndarray) -> np.ndarray:
+    """Mean share of saliency mass per time step (T,): each sample's |saliency| normalised to
+    sum 1 (a zero map counts as uniform), summed over features, averaged over samples."""
+    a = np.abs(np.asarray(saliency, dtype=np.float64))
+    per_step = a.sum(axis=2)  # (S, T)
+    total = per_step.sum(axis=1, keepdims=True)
+    share = np.where(total > 0, per_step / np.where(total > 0, total, 1.0), 1.0 / a.shape[1])
+    return share.mean(axis=0)
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return a.reshape(len(a), -1)
+
+
+def _average_ranks(s: np.ndarray) -> np.ndarray:
+    """1-based ranks of s, tied values sharing the mean of their ranks."""
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], len(s)]  # exclusive
+    mean_rank = (starts + ends + 1) / 2.0  # mean of 1-based ranks start+1 .. end
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def _nanmean(v: np.ndarray) -> float:
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
+# -- saliency of a model -----------------------------------------------------------------------
+def compute_saliency(
+    forward: Callable[[Tensor], Tensor],
+    X: np.ndarray | Tensor,
+    y: np.ndarray | Tensor,
+    method: str = "gradient",
+    batch: int = 100,
+    **params: Any,
+) -> np.ndarray:
+    """Raw attribution (S, T, N) of each sample's true class y, `batch` samples per call.
+
+    method: "gradient" (saliency) or "tsr" (Temporal Saliency Rescaling over `base`, default
+    gradient); other params go to the attribution method. `forward` must be in the mode that is
+    to be explained (eval, dropout off) and take standardised inputs.
+    """
+    from attribution import attribute, tsr
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    X = torch.as_tensor(X, dtype=torch.float32)
+    targets = torch.as_tensor(np.asarray(y), dtype=torch.long).view(-1, 1)
+    if len(X) != len(targets):
+        raise ValueError(f"{len(X)} samples but {len(targets)} labels")
+    params = dict(params)
+    base = params.pop("base", "gradient")
+    parts = []
+    for start in range(0, len(X), batch):
+        xb, tb = X[start : start + batch], targets[start : start + batch]
+        if method == "tsr":
+            a = tsr(base, forward, xb, tb, **params)
+        else:
+            a = attribute(method, forward, xb, tb, **params)
+        parts.append(a[:, 0].detach().cpu().numpy())
+    return np.concatenate(parts, axis=0) if parts else np.zeros((0, *X.shape[1:]), dtype=np.float32)
+
+
+@torch.no_grad()
+def accuracy(forward: Callable[[Tensor], Tensor], X: np.ndarray | Tensor, y: np.ndarray | Tensor,
+             batch: int = 256) -> float:
+    X = torch.as_tensor(X, dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    correct = 0
+    for start in range(0, len(X), batch):
+        correct += int((forward(X[start : start + batch]).argmax(1) == y[start : start + batch]).sum())
+    return correct / max(len(X), 1)
+
+
+def evaluate_saliency(
+    forward: Callable[[Tensor], Tensor],
+    X_std: np.ndarray | Tensor,
+    y: np.ndarray | Tensor,
+    masks: np.ndarray,
+    method: str = "gradient",
+    batch: int = 100,
+    **params: Any,
+) -> dict[str, float]:
+    """Accuracy and the saliency metrics of `forward` on standardised inputs X_std (S, T, N) with
+    labels y and ground-truth masks (S, T, N); keys: accuracy, weighted_jaccard, euclidean, auc,
+    topk_jaccard, box_time_mass, n."""
+    masks = np.asarray(masks)
+    if masks.shape != tuple(np.shape(X_std)):
+        raise ValueError(f"masks {masks.shape} must have the inputs' shape {tuple(np.shape(X_std))}")
+    saliency = compute_saliency(forward, X_std, y, method, batch, **params)
+    return {"accuracy": accuracy(forward, X_std, y), **score_saliency(saliency, masks)}

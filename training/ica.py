@@ -1,0 +1,90 @@
+"""Input-cell attention (ICA), computed for all time steps at once.
+
+At step t the cell sees M_t = A_t X_t, where A_t = softmax over the prefix s <= t of the scores
+e_s = W2 tanh(W1 x_s). The scores of step s do not depend on t, only the normalisation over the
+prefix does, so
+
+    M_t[j] = sum_{s<=t} exp(e_s[j]) x_s  /  sum_{s<=t} exp(e_s[j])
+
+is a ratio of two prefix sums: O(T r N) work, fully parallel over time, and the recurrence that
+follows can be a stock fused nn.LSTM / nn.GRU / nn.RNN.
+
+Numerics: tanh bounds every score by the L1 norm of its W2 row, whatever the input's magnitude,
+so after shifting by the per-hop maximum over time no weight exp(e_s - max) is smaller than
+exp(-2 max_j |W2_j|_1). While that bound stays above float32's comfortable range (spread < 60)
+the prefix sums run in the input's dtype; past it (large trained W2) they run in float64, which
+keeps every denominator far from underflow even for T in the thousands. The switch depends on
+the weights only, never on the data, so an exported graph takes the right branch for its weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VARIANTS = ("matrix", "mean")
+# Largest score spread accumulated in float32: exp(-60) ~ 1e-26, far above float32's smallest normal.
+FLOAT32_SAFE_SPREAD = 60.0
+
+
+class InputCellAttention(nn.Module):
+    """Maps x (B, T, N) to the cell inputs: (B, T, r*N) for `matrix`, (B, T, N) for `mean`."""
+
+    def __init__(self, n_features: int, r: int = 20, d_a: int = 50, variant: str = "matrix") -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"ICA variant must be one of {VARIANTS}, got {variant!r}")
+        self.n_features = n_features
+        self.r = r
+        self.d_a = d_a
+        self.variant = variant
+        self.float32_safe_spread = FLOAT32_SAFE_SPREAD
+        # The paper's equations have no biases: A_t = softmax(W2 tanh(W1 X_t^T)).
+        self.w1 = nn.Linear(n_features, d_a, bias=False)
+        self.w2 = nn.Linear(d_a, r, bias=False)
+
+    @property
+    def output_size(self) -> int:
+        return self.r * self.n_features if self.variant == "matrix" else self.n_features
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalised attention scores e_s, shape (B, T, r)."""
+        return self.w2(torch.tanh(self.w1(x)))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """M_t for every t, shape (B, T, r, N)."""
+        e = self.scores(x)
+        # Softmax is shift-invariant, so the shift carries no gradient.
+        shift = e.detach().amax(dim=1, keepdim=True)
+        z = e - shift
+        xs = x
+        if x.dtype != torch.float64 and self.score_spread_bound() > self.float32_safe_spread:
+            z = z.double()
+            xs = x.double()
+        w = torch.exp(z)  # (B, T, r), in (0, 1]
+        num = torch.cumsum(w.unsqueeze(-1) * xs.unsqueeze(2), dim=1)  # (B, T, r, N)
+        den = torch.cumsum(w, dim=1).unsqueeze(-1)  # (B, T, r, 1)
+        return (num / den).to(x.dtype)
+
+    def score_spread_bound(self) -> float:
+        """Upper bound of max_s e_s - min_s e_s for any input: 2 max_j |W2_j|_1 (|tanh| <= 1)."""
+        return 2.0 * self.w2.weight.detach().abs().sum(dim=1).max().item()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.embed(x)
+        if self.variant == "matrix":
+            return m.flatten(2)
+        return m.mean(dim=2)
+
+    @torch.jit.export
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """A_t for every t, averaged over hops: (B, T, T), row t a distribution over steps <= t.
+
+        O(T^2) memory, so only computed when a caller asks to see the weights.
+        """
+        e = self.scores(x).transpose(1, 2)  # (B, r, T)
+        t = x.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        logits = e.unsqueeze(2).expand(-1, -1, t, -1)  # (B, r, T_query, T_key)
+        logits = logits.masked_fill(~causal, float("-inf"))
+        return torch.softmax(logits, dim=-1).mean(dim=1)
