@@ -13,7 +13,8 @@ echo
 
 echo "== /explain (integrated gradients, all classes; first 300 bytes)"
 python3 -c 'import json; d=json.load(open("/tmp/icaserve-body.json")); d.update(method="integrated_gradients", target="all", parameters={"steps": 16}); print(json.dumps(d))' \
-  | curl -sf "${AUTH[@]}" -H 'content-type: application/json' --data @- "$URL/explain" | head -c 300
+  | curl -sf "${AUTH[@]}" -H 'content-type: application/json' --data @- "$URL/explain" -o /tmp/icaserve-explain.json
+head -c 300 /tmp/icaserve-explain.json
 echo
 
 echo "== /v2/models/{name}/infer (Open Inference Protocol)"

@@ -104,7 +104,8 @@ class RequestContext:
                 if "method" in state and code < 400:
                     metrics.EXPLAIN_SECONDS.labels(state["method"]).observe(elapsed)
             # probes and scrapes at debug level: every few seconds, they would drown the real requests
-            log.log(logging.INFO if counted else logging.DEBUG, "request",
+            log.log(logging.INFO if counted else logging.DEBUG, "%s %s %s %.1f ms", scope.get("method"),
+                    scope.get("path"), code, elapsed * 1000,
                     extra={"method": scope.get("method"), "path": scope.get("path"), "status": code,
                            "duration_ms": round(elapsed * 1000, 2), "model": state.get("model"),
                            "version": state.get("version")})
