@@ -22,9 +22,9 @@ Threads default to 1: the per-step GEMMs of an RNN are tiny, and on a shared mac
 intra-op thread turns every step into an OpenMP barrier wait on a busy core (the fused LSTM was
 measured 30-100x slower that way). Pass --threads to change it; the value is recorded.
 
---tuned-malloc re-runs the script with glibc's mmap and trim thresholds raised (GLIBC_TUNABLES), so
-the multi-MB float64 buffers of the parallel path are reused instead of being mmapped, page-faulted
-and zeroed afresh on every call; the default is a plain process, as a server would get.
+malloc: like `icaserve train` and `icaserve serve`, the benchmark raises glibc's mmap and trim
+thresholds (icaserve/tuning.py), so the multi-MB buffers of the parallel path are reused instead of
+being mmapped, page-faulted and zeroed afresh on every call; --plain-malloc measures without it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ from training.models import ModelConfig, build_model  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "ica.json"
 MARKDOWN = ROOT / "BENCHMARKS.md"
 START, END = "<!-- ica:start -->", "<!-- ica:end -->"
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
 
 T, N, R, D_A = 100, 100, 20, 50
 HIDDENS = (5, 64)
@@ -88,7 +87,6 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_avg_at_start": load,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -171,7 +169,7 @@ def markdown_table(rows: list[dict], machine: dict) -> str:
         f"({machine['usable_cores']} usable), torch {machine['torch']}, "
         f"{machine['torch_threads']} intra-op thread(s), load average at start "
         f"{machine['load_avg_at_start']}"
-        + (f", GLIBC_TUNABLES={machine['glibc_tunables']}" if machine["glibc_tunables"] else "")
+        + (", malloc tuned (icaserve/tuning.py)" if machine["tuned_malloc"] else ", glibc default malloc")
         + ".",
         "",
         "| hidden | batch | mode | parallel (ms) | step-by-step (ms) | speedup | speedup, CPU time "
@@ -216,14 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--repeats-small", type=int, default=21, help="repeats at batch 1")
     parser.add_argument("--repeats-large", type=int, default=7, help="repeats at batch 50")
-    parser.add_argument("--tuned-malloc", action="store_true",
-                        help="re-run with glibc malloc thresholds raised (see module docstring)")
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="keep glibc's default malloc thresholds (see module docstring)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no files")
     args = parser.parse_args(argv)
-    if args.tuned_malloc and MALLOC_TUNABLES not in os.environ.get("GLIBC_TUNABLES", ""):
-        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
-        script = str(Path(__file__).resolve())
-        os.execve(sys.executable, [sys.executable, script, *sys.argv[1:]], env)
+    tuned = False
+    if not args.plain_malloc:
+        from icaserve.tuning import tune_malloc
+
+        tuned = tune_malloc()
 
     from rich.console import Console
     from rich.table import Table
@@ -233,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
         console = Console(width=120)
     machine = machine_info()
+    machine["tuned_malloc"] = tuned
     console.print(
         f"[bold]Machine:[/] {machine['cpu']} | {machine['cores']} cores "
         f"({machine['usable_cores']} usable) | torch {machine['torch']} | "
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 "r": R, "d_a": D_A, "hiddens": list(HIDDENS), "batches": list(BATCHES),
                 "statistic": "median of interleaved repeats (wall clock; CPU time also recorded)",
                 "repeats_small": args.repeats_small, "repeats_large": args.repeats_large,
-                "tuned_malloc": bool(machine["glibc_tunables"]),
+                "tuned_malloc": machine["tuned_malloc"],
             },
             "target": {"speedup": TARGET_SPEEDUP, "at": "batch 1, forward+grad", "met": met},
             "elapsed_s": elapsed,

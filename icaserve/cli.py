@@ -21,6 +21,13 @@ console = Console(stderr=True)
 DEFAULT_STORE = Path(os.environ.get("ICASERVE_STORE", Path(__file__).resolve().parent.parent / "model_store"))
 
 
+@app.callback()
+def _setup() -> None:
+    from icaserve.tuning import tune_malloc
+
+    tune_malloc()
+
+
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)

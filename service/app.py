@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from icaserve.tuning import tune_malloc
 from service import api, errors, metrics, v2
 from service.errors import PayloadTooLarge
 from service.logs import REQUEST_ID, configure_logging
@@ -125,6 +126,7 @@ def _server_timing(t: dict[str, float], total_s: float) -> bytes:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    tune_malloc()
     configure_logging(settings.log_json, settings.log_level)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)

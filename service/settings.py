@@ -22,7 +22,10 @@ class Settings(BaseSettings):
     default_model: str | None = None  # None: the first model in the store
     device: Literal["auto", "cpu", "cuda"] = "auto"
     predict_backend: Literal["torch", "onnx"] = "torch"
-    torch_threads: int = Field(0, ge=0)  # 0: torch's default (one per core)
+    # Intra-op threads per process. Predict and explain run in two threads of their own, so one
+    # each fills two cores; more makes OpenMP threads spin against each other on small RNN ops.
+    # 0: torch's default (one per core).
+    torch_threads: int = Field(1, ge=0)
     poll_interval_s: float = Field(5.0, ge=0)  # how often to look for new versions; 0 turns polling off
     max_versions_loaded: int = Field(4, ge=1)  # per model, latest always kept
 
