@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from model_store import ModelStore  # noqa: E402
 
-console = Console()
+console = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def machine() -> str:
@@ -146,6 +146,12 @@ def captum_baseline(store: ModelStore, name: str, seconds: float) -> dict:
     """captum Saliency, one request at a time, in-process, on the same TorchScript model."""
     from captum.attr import Saliency
 
+    from icaserve.tuning import tune_malloc
+
+    # The server's settings: one intra-op thread (ICASERVE_TORCH_THREADS) and the heap-kept
+    # large buffers. With two threads on this shared 2-core machine a call took 1.5 s instead of 2.5 ms.
+    torch.set_num_threads(1)
+    tune_malloc()
     manifest, data = store.read_file(name, None, "torchscript")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -164,12 +170,33 @@ def captum_baseline(store: ModelStore, name: str, seconds: float) -> dict:
     return {"rps": n / (time.perf_counter() - start), "requests": n}
 
 
+PLAIN_LSTM = "/predict (plain LSTM)"
+
+
+def timing_store(n_features: int, length: int) -> Path:
+    """A temporary store with an untrained plain LSTM of the same input shape: a model whose
+    compute is small next to the per-request cost, to show what batching buys there."""
+    import tempfile
+
+    from training.export import export_model
+    from training.models import ModelConfig, build_model
+
+    root = Path(tempfile.mkdtemp(prefix="icaserve-bench-"))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_features=n_features, attention="none", hidden=5))
+    export_model(ModelStore(root), "plain-lstm", model, class_names=["negative", "positive"],
+                 feature_names=[f"f{i}" for i in range(n_features)],
+                 normalization={"mean": [0.0] * n_features, "std": [1.0] * n_features}, train_length=length)
+    return root
+
+
 def write_markdown(results: dict) -> None:
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     lines = [
         f"Machine: {results['machine']}. Model: `{results['model']}` "
-        f"({results['shape']}, one sequence per request). {results['seconds']} s per cell, clients on the same "
+        f"({results['shape']}, one sequence per request; `{PLAIN_LSTM}` is an untrained plain LSTM of the same "
+        "input shape, timing only). {results['seconds']} s per cell, clients on the same "
         "machine (each with its own connection). Server time split from the `Server-Timing` header (means, ms).",
         "",
         "| endpoint | backend | batching | clients | req/s | p50 ms | p99 ms | parse | queue | model | other | non-200 |",
@@ -215,19 +242,21 @@ def main() -> None:
     }
     seconds = 2.0 if args.quick else args.seconds
     clients = [int(c) for c in args.clients.split(",")]
-    plan = [("/predict", "torch", b, predict_body) for b in (False, True)]
+    plan = [("/predict", "torch", b, predict_body, args.store) for b in (False, True)]
     if not args.quick:
-        plan += [("/predict", "onnx", b, predict_body) for b in (False, True)]
+        plan += [("/predict", "onnx", b, predict_body, args.store) for b in (False, True)]
         for method, body in explain_bodies.items():
-            plan += [(f"/explain {method}", "torch", b, body) for b in (False, True)]
+            plan += [(f"/explain {method}", "torch", b, body, args.store) for b in (False, True)]
+        lstm_store = timing_store(manifest.input.n_features, length)
+        plan += [(PLAIN_LSTM, "torch", b, predict_body, lstm_store) for b in (False, True)]
     runs = []
-    for endpoint, backend, batching, body in plan:
+    for endpoint, backend, batching, body, store_path in plan:
         env = {"ICASERVE_BATCHING": str(batching).lower(), "ICASERVE_PREDICT_BACKEND": backend,
                "ICASERVE_MAX_BATCH_SIZE": "64", "ICASERVE_MAX_WAIT_MS": "2", "ICASERVE_PREDICT_QUEUE_SIZE": "1024",
                "ICASERVE_EXPLAIN_QUEUE_SIZE": "1024", "ICASERVE_REQUEST_TIMEOUT_S": "120"}
-        server = Server(args.store, env)
+        server = Server(store_path, env)
         try:
-            path = "/predict" if endpoint == "/predict" else "/explain"
+            path = "/explain" if endpoint.startswith("/explain") else "/predict"
             drive(server.url, path, body, 4, 1.0)  # warm-up
             for c in clients:
                 r = drive(server.url, path, body, c, seconds)
@@ -252,6 +281,8 @@ def main() -> None:
                                                                       / rps("/predict", "onnx", False, top))
         ratios[f"/explain gradient, {top} clients, batched / captum Saliency per request in-process"] = (
             rps("/explain gradient", "torch", True, top) / captum["rps"])
+        ratios[f"{PLAIN_LSTM}, {top} clients: batching on / off"] = (rps(PLAIN_LSTM, "torch", True, top)
+                                                                   / rps(PLAIN_LSTM, "torch", False, top))
     table = Table(title=f"serving: {name}")
     for col in ("endpoint", "backend", "batching", "clients", "req/s", "p50 ms", "p99 ms", "parse", "queue",
                 "model", "other"):

@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 import attribution
 from service import metrics
@@ -49,6 +50,27 @@ def _fallback(obj: Any) -> Any:
 def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data, default=_fallback, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
                     media_type="application/json")
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A request body's JSON schema for the OpenAPI document, self-contained: nested models are
+    inlined, since FastAPI does not move a hand-written body schema's `$defs` into the document's
+    components (a `$ref` to them would dangle, and clients generated from it would break)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return {**inline(defs[ref.removeprefix("#/$defs/")]), **inline(rest)}
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
 
 
 def _state(request: Request):
@@ -88,7 +110,7 @@ PREDICT_DOC = dict(
     response_model=PredictResponse,
     responses=ERRORS,
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}"),
+        "schema": body_schema(PredictRequest),
     }}}},
     dependencies=[Depends(require_api_key)],
 )
@@ -130,7 +152,7 @@ EXPLAIN_DOC = dict(
     responses={**ERRORS, 200: {"content": {NPZ: {}}, "description": "JSON, or with `Accept: application/x-npz` "
                                 "a NumPy .npz archive (see README)"}},
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": ExplainRequest.model_json_schema(ref_template="#/components/schemas/{model}"),
+        "schema": body_schema(ExplainRequest),
     }}}},
     dependencies=[Depends(require_api_key)],
 )
@@ -310,7 +332,7 @@ async def get_model(request: Request, name: str) -> Response:
 
 
 @router.post("/admin/reload", summary="Load newly published versions now", dependencies=[Depends(require_admin)],
-             responses=ERRORS)
+             responses={**ERRORS, 403: {"model": ErrorBody}})  # 403: the admin API is disabled
 async def reload_models(request: Request) -> Response:
     registry = _state(request).registry
     serving = await registry.refresh()
@@ -341,4 +363,4 @@ async def metrics_endpoint() -> Response:
     return Response(body, media_type=content_type)
 
 
-__all__ = ["router", "json_response", "prediction", "submit", "GRADIENT_METHODS"]
+__all__ = ["router", "body_schema", "json_response", "prediction", "submit", "GRADIENT_METHODS"]

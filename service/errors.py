@@ -92,8 +92,19 @@ def error_response(status: int, code: str, message: str, field: str | None, requ
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
+# Pydantic names the member of a union that failed as one more step of an error's location
+# (`target.literal['predicted','all']`, `parameters.baseline.list[list[float]]`): not a field.
+_UNION_TAGS = {"int", "str", "float", "bool", "none"}
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts: list[str] = []
+    for p in loc:
+        if p in ("body", "query", "path", "header"):
+            continue
+        if parts and isinstance(p, str) and ("[" in p or p in _UNION_TAGS):
+            continue
+        parts.append(str(p))
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)

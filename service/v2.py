@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api import ERRORS, json_response, submit
+from service.api import ERRORS, body_schema, json_response, submit
 from service.errors import InvalidInput, NotReady
 from service.inputs import parse_json, sequences, validate
 from service.security import require_api_key
@@ -121,7 +121,7 @@ INFER_DOC = dict(
     dependencies=[Depends(require_api_key)],
     responses=ERRORS,
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": V2InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
+        "schema": body_schema(V2InferRequest)}}}},
 )
 
 
