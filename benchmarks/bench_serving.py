@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -39,21 +38,10 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from icaserve.machine import machine_line  # noqa: E402
 from model_store import ModelStore  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=160)
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def free_port() -> int:
@@ -296,7 +284,7 @@ def main() -> None:
     console.print(f"captum Saliency in-process: {captum['rps']:.1f} req/s")
     for k, v in ratios.items():
         console.print(f"{k}: {v:.2f}x")
-    results = {"machine": machine(), "model": f"{name} v{manifest.version}",
+    results = {"machine": machine_line(), "model": f"{name} v{manifest.version}",
                "shape": f"T={length}, N={manifest.input.n_features}", "seconds": seconds, "runs": runs,
                "captum": captum, "ratios": ratios}
     if not args.quick:

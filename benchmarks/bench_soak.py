@@ -53,6 +53,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from icaserve.machine import machine_line  # noqa: E402
 from model_store import ModelStore  # noqa: E402
 
 console = Console()
@@ -65,22 +66,6 @@ MAX_REQUESTS_PER_CLIENT = 100_000  # a bound on top of the time limit
 BACKOFF_503_S = 0.05
 WARM_UP_S = 12.0
 WARM_UP_MIX = (("predict", 0.25), ("explain gradient", 0.25), ("explain ig16", 0.5))
-
-
-def machine() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        torch_version = version("torch")
-    except PackageNotFoundError:
-        torch_version = "?"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch_version}, Python {platform.python_version()}"
 
 
 def free_port() -> int:
@@ -461,7 +446,7 @@ def main() -> int:
 
     results = {
         "benchmark": "soak", "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "python": platform.python_version(), "model": f"{name} v{manifest.version}",
+        "machine": machine_line(), "python": platform.python_version(), "model": f"{name} v{manifest.version}",
         "shape": f"T={length}, N={manifest.input.n_features}", "seconds": args.seconds,
         "mix": dict(MIX), "server": settings, "phases": results_phases, "totals": {
             "sent": sent, "answered": answered, "server_counted": counted, "statuses": statuses},
