@@ -296,10 +296,22 @@ def run_reproduction(cfg: ReproConfig, out: str | Path, *, progress: bool = True
         "started_at": started_at.isoformat(timespec="seconds"),
         "seconds": seconds,
         "command": command,
+        "references": {d: reference_scores(cfg, d) for d in cfg.datasets},
         "results": [_jsonable(r) for r in ordered],
     }
     write_outputs(result, ordered, cfg, out)
     return result
+
+
+def reference_scores(cfg: ReproConfig, dataset: str) -> dict[str, float]:
+    """What explains nothing scores: i.i.d. uniform random saliency on the same test masks.
+    WJac and Euc depend on how much mass a map spreads outside the box, so a diffuse map scores
+    a clearly non-zero WJac without pointing at the box; this row says how much."""
+    from training.evaluation import score_saliency
+
+    _, _, test_ds = _data(dataset, cfg.n_train, cfg.n_test, cfg.T, cfg.N, cfg.seed, cfg.val_fraction)
+    rng = np.random.default_rng(cfg.seed)
+    return score_saliency(rng.random(test_ds.masks.shape), test_ds.masks)
 
 
 def estimated_cost(cfg: ReproConfig, job: Job) -> float:
@@ -382,6 +394,7 @@ def claim_check(records: list[dict[str, Any]], acc_threshold: float = 0.95) -> l
                 "dataset": dataset, "plain": p["label"], "ica": c["label"],
                 "plain_acc": p["test_accuracy"], "ica_acc": c["test_accuracy"],
                 "plain_wjac": wp, "ica_wjac": wc,
+                "plain_auc": p["gradient"]["auc"], "ica_auc": c["gradient"]["auc"],
                 "holds": c["test_accuracy"] >= acc_threshold and wc > wp + 0.05,
             })
     return rows
@@ -389,6 +402,8 @@ def claim_check(records: list[dict[str, Any]], acc_threshold: float = 0.95) -> l
 
 def render_markdown(result: dict[str, Any], records: list[dict[str, Any]], cfg: ReproConfig) -> str:
     m = result["machine"]
+    refs = result.get("references", {})
+    ref_label = "*i.i.d. uniform random saliency (reference)*"
     minutes = result["seconds"] / 60
     datasets = list(dict.fromkeys(r["dataset"] for r in records))
     models = list(dict.fromkeys(r["model"] for r in records))
@@ -433,15 +448,18 @@ def render_markdown(result: dict[str, Any], records: list[dict[str, Any]], cfg: 
             f"(plain) and {cfg.ica_epochs} (ICA) so that the whole run fits in an hour on two cores "
             "(the epochs column shows where each stopped and which epoch was kept)")
     lines += ["", "## The paper's claim, checked", "",
-              "Input-cell attention reaches high accuracy (>= 95% here) and a weighted Jaccard clearly "
-              "above the plain model's (by > 0.05).", "",
-              "| dataset | plain | acc | WJac | ICA | acc | WJac | holds | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "As stated: input-cell attention reaches high accuracy (>= 95% here) and a weighted Jaccard "
+              "clearly above the plain model's (by > 0.05). The last columns ask the stronger question the "
+              "paper's figures suggest: does the ICA saliency point at the box (AUC of the saliency as a "
+              "box detector clearly above 0.5, here >= 0.6)?", "",
+              "| dataset | plain | acc | WJac | AUC | ICA | acc | WJac | AUC | claim holds | box found (AUC >= 0.6) | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in claim_check(records):
         note = "plain model near chance: its saliency explains little" if c["plain_acc"] < 0.9 else ""
         lines.append(f"| {c['dataset']} | {c['plain']} | {_fmt(c['plain_acc'])} | {_fmt(c['plain_wjac'])} | "
-                     f"{c['ica']} | {_fmt(c['ica_acc'])} | {_fmt(c['ica_wjac'])} | "
-                     f"{'yes' if c['holds'] else '**no**'} | {note} |")
+                     f"{_fmt(c['plain_auc'])} | {c['ica']} | {_fmt(c['ica_acc'])} | {_fmt(c['ica_wjac'])} | "
+                     f"{_fmt(c['ica_auc'])} | {'yes' if c['holds'] else '**no**'} | "
+                     f"{'yes' if c['ica_auc'] >= 0.6 else 'no'} | {note} |")
 
     for title, key in (("Test accuracy", "accuracy"), ("Weighted Jaccard (gradient saliency) ↑", "weighted_jaccard"),
                        ("ROC-AUC of saliency vs. box ↑", "auc"),
@@ -458,6 +476,13 @@ def render_markdown(result: dict[str, Any], records: list[dict[str, Any]], cfg: 
             lines += ["", "Not one of the paper's metrics: the time-only form of its claim (where along the "
                       "sequence does the saliency put the evidence?). ~0 means the saliency vanished before "
                       "reaching the box; the chance row is what saliency spread evenly over time would score."]
+        if key in ("weighted_jaccard", "auc") and refs:
+            lines.append(f"| {ref_label} | " + " | ".join(_fmt(refs[d][key]) if d in refs else "–"
+                                                          for d in datasets) + " |")
+        if key == "weighted_jaccard" and refs:
+            lines += ["", "WJac rewards any map that spreads mass over the box, focused or not: the reference "
+                      "row is a map of pure noise. A model's WJac means something where it beats that row "
+                      "and its AUC is clearly above 0.5."]
         if key == "auc":
             lines += ["", "0.5 = no better than chance at telling box cells from background; below 0.5 = "
                       "the saliency sits outside the box."]
@@ -465,11 +490,16 @@ def render_markdown(result: dict[str, Any], records: list[dict[str, Any]], cfg: 
     lines += ["", "## All results (gradient saliency, whole test set)", ""]
     head = ["dataset", "model", *METRIC_LABELS.values(), "epochs (best/run)", "train s"]
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for r in records:
+    for i, r in enumerate(records):
         g = r["gradient"]
         lines.append(
             f"| {r['dataset']} | {r['label']} | " + " | ".join(_fmt(g[k]) for k in METRIC_LABELS)
             + f" | {r['best_epoch']}/{r['epochs_run']} | {r['train_seconds']:.0f} |")
+        last_of_dataset = i + 1 == len(records) or records[i + 1]["dataset"] != r["dataset"]
+        if last_of_dataset and r["dataset"] in refs:
+            ref = refs[r["dataset"]]
+            lines.append(f"| {r['dataset']} | {ref_label} | – | "
+                         + " | ".join(_fmt(ref[k]) for k in list(METRIC_LABELS)[1:]) + " | | |")
 
     tsr_rows = [r for r in records if "tsr" in r]
     if tsr_rows:
@@ -488,7 +518,7 @@ def render_markdown(result: dict[str, Any], records: list[dict[str, Any]], cfg: 
         lines += [f"- {d}: [saliency maps](figures/{d}_saliency.png), "
                   f"[saliency mass per time step](figures/{d}_time_profile.png)"]
     lines += ["- all datasets: [saliency mass per time step](figures/time_profiles.png)", "",
-              f"![time profiles](figures/time_profiles.png)", ""]
+              "![time profiles](figures/time_profiles.png)", ""]
     lines += [f"Raw numbers: `reproduction.json`. Total wall time {minutes:.1f} min.", ""]
     return "\n".join(lines)
 
