@@ -184,7 +184,7 @@ def write_markdown(results: dict) -> None:
     lines = [
         f"Machine: {results['machine']}. Model: `{results['model']}` "
         f"({results['shape']}, one sequence per request; `{PLAIN_LSTM}` is an untrained plain LSTM of the same "
-        "input shape, timing only). {results['seconds']} s per cell, clients on the same "
+        f"input shape, timing only). {results['seconds']} s per cell, clients on the same "
         "machine (each with its own connection). Server time split from the `Server-Timing` header (means, ms).",
         "",
         "| endpoint | backend | batching | clients | req/s | p50 ms | p99 ms | parse | queue | model | other | non-200 |",
@@ -240,7 +240,7 @@ def main() -> None:
     runs = []
     for endpoint, backend, batching, body, store_path in plan:
         env = {"ICASERVE_BATCHING": str(batching).lower(), "ICASERVE_PREDICT_BACKEND": backend,
-               "ICASERVE_MAX_BATCH_SIZE": "64", "ICASERVE_MAX_WAIT_MS": "2", "ICASERVE_PREDICT_QUEUE_SIZE": "1024",
+               "ICASERVE_MAX_BATCH_SIZE": "64", "ICASERVE_PREDICT_QUEUE_SIZE": "1024",
                "ICASERVE_EXPLAIN_QUEUE_SIZE": "1024", "ICASERVE_REQUEST_TIMEOUT_S": "120"}
         server = Server(store_path, env)
         try:

@@ -80,6 +80,7 @@ def server_settings(timeout_s: float, device: str) -> dict[str, str]:
         "ICASERVE_LOG_LEVEL": "warning", "ICASERVE_BATCHING": "true", "ICASERVE_MAX_BATCH_SIZE": "16",
         "ICASERVE_MAX_WAIT_MS": "2", "ICASERVE_PREDICT_QUEUE_SIZE": "16", "ICASERVE_EXPLAIN_QUEUE_SIZE": "4",
         "ICASERVE_REQUEST_TIMEOUT_S": str(timeout_s), "ICASERVE_RETRY_AFTER_S": "1",
+        "ICASERVE_TUNE_MALLOC": os.environ.get("ICASERVE_TUNE_MALLOC", "false"),
     }
 
 

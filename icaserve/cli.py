@@ -22,10 +22,11 @@ DEFAULT_STORE = Path(os.environ.get("ICASERVE_STORE", Path(__file__).resolve().p
 
 
 @app.callback()
-def _setup() -> None:
+def _setup(ctx: typer.Context) -> None:
     from icaserve.tuning import tune_malloc
 
-    tune_malloc()
+    if ctx.invoked_subcommand != "serve":  # the service applies it per its ICASERVE_TUNE_MALLOC setting
+        tune_malloc()
 
 
 def _fail(message: str) -> None:
@@ -179,7 +180,7 @@ def serve(
     backend: Optional[str] = typer.Option(None, help="torch or onnx, for /predict [ICASERVE_PREDICT_BACKEND]"),
     batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="[ICASERVE_BATCHING]"),
     max_batch_size: Optional[int] = typer.Option(None, min=1, help="[ICASERVE_MAX_BATCH_SIZE, default 32]"),
-    max_wait_ms: Optional[float] = typer.Option(None, min=0, help="[ICASERVE_MAX_WAIT_MS, default 2]"),
+    max_wait_ms: Optional[float] = typer.Option(None, min=0, help="[ICASERVE_MAX_WAIT_MS, default 0]"),
     log_json: Optional[bool] = typer.Option(None, "--log-json/--log-text", help="[ICASERVE_LOG_JSON]"),
 ) -> None:
     """Serve /predict, /explain and the Open Inference Protocol over the model store (uvicorn).

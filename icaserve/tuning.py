@@ -5,8 +5,9 @@ the kernel and returns them on free, so each large tensor costs page faults and 
 call. The ICA embedding of a batch (B x T x r x N floats: 40 MB at the paper's sizes, batch 50)
 hits this on every forward and backward. Keeping such blocks in the heap measured 2.8x faster
 for the embedding's forward and 3.5x for forward + backward (batch 50, one thread). The price is
-that freed memory stays with the process (its peak), which is what a long-running server and a
-training run want anyway: memory flat after warm-up.
+that freed memory stays with the process (its peak). Training, `reproduce` and the benchmarks
+use it; the server does not by default (ICASERVE_TUNE_MALLOC): under the soak benchmark's mixed
+traffic it held about 500 MiB more, never returned it, and served no faster.
 """
 
 from __future__ import annotations

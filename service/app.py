@@ -126,7 +126,8 @@ def _server_timing(t: dict[str, float], total_s: float) -> bytes:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    tune_malloc()
+    if settings.tune_malloc:
+        tune_malloc()
     configure_logging(settings.log_json, settings.log_level)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)

@@ -1,7 +1,8 @@
 """Dynamic batching: concurrent requests for one model version merge into one model call.
 
 One `Batcher` per (model version, kind). Requests wait in a bounded queue; a single worker task
-takes the first, keeps collecting until `max_batch` sequences or `max_wait` has passed, and runs
+takes the first, adds whatever else is queued, and keeps collecting until `max_batch` sequences or
+`max_wait` has passed (0: no waiting, only what queued up while the model was busy), and runs
 the merged batch in the batcher's own thread, off the event loop. A full queue refuses at once
 (the caller answers 503 with Retry-After); a request whose deadline passes while queued is
 dropped before it costs compute. Predict and explain have separate batchers and threads, so slow
