@@ -55,6 +55,17 @@ LSTM_ARCH = {"attention": "none", "hidden": 8}
 READY_TIMEOUT_S = 90.0
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for in-process tests, as the service runs by default: the RNNs' per-step
+    GEMMs are tiny, and with two threads on a busy 2-core machine every step waits at an OpenMP
+    barrier (measured 30-100x slower). No result depends on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def publish(store_root: str | Path, name: str, *, seed: int, arch: dict[str, Any] | None = None,
             with_onnx: bool = False, **export_kwargs: Any) -> int:
     """Build a seeded untrained model and publish it with `export_model`; returns its version."""

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from icaserve.cli import app
@@ -24,14 +23,6 @@ TINY_TRAIN = [
     "--epochs", "3", "--batch-size", "20", "--lr", "0.01", "--hops", "3", "--d-a", "6", "--hidden", "4",
     "--device", "cpu",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 runner = CliRunner()

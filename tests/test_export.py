@@ -45,14 +45,6 @@ MEMBERS["bilstm"] = ModelConfig(cell="lstm", bidirectional=True, **SMALL)
 MEMBERS["bigru-ica-mean"] = ModelConfig(cell="gru", bidirectional=True, attention="ica", ica_variant="mean", **SMALL)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(config: ModelConfig, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model(config)

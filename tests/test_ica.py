@@ -28,17 +28,6 @@ from training.models import ModelConfig, build_model, inference_copy  # noqa: E4
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny per-step GEMMs: with >1 intra-op thread on a busy machine every step of the fused
-    RNN waits at an OpenMP barrier (measured 30-100x slower at T = 5000 on a loaded 2-core box).
-    One thread changes no result here, and the setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(dtype=torch.float64, seed=0, **cfg) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg.setdefault("attention", "ica")

@@ -24,15 +24,6 @@ from training.evaluation import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Hidden-5 RNNs on a shared 2-core machine: one intra-op thread is much faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _masks(n=3, T=10, N=8):
     m = np.zeros((n, T, N), dtype=bool)
     m[0, 0:3, 2:6] = True

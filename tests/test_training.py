@@ -32,15 +32,6 @@ T, N = 20, 8
 TINY = ModelConfig(n_features=N, attention="ica", r=4, d_a=8, hidden=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny GEMMs on a shared 2-core machine: one intra-op thread is much faster, same results."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data() -> tuple[Dataset, Dataset, Dataset]:
     train_ds, test_ds = synthetic_splits("earlier_box", 200, 60, T=T, N=N, seed=0)
