@@ -60,7 +60,6 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running = False  # the worker holds jobs (collecting, computing or answering them)
         self._closed = False  # drain_and_stop was called: new jobs no longer go through the queue
-        self.batches_run = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -151,7 +150,6 @@ class Batcher:
             metrics.COMPUTE_SECONDS.labels(self.name).observe(model_s)
             metrics.BATCH_SIZE.labels(self.name).observe(len(sequences))
             metrics.sample_gpu()  # every worker keeps its own CUDA memory gauge current
-            self.batches_run += 1
             offset = 0
             for job in live:
                 n = len(job.sequences)
