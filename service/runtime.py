@@ -25,6 +25,13 @@ from model_store import Manifest, ModelStore
 
 log = logging.getLogger("icaserve.runtime")
 
+# Largest per-row intermediate a model call may hold at once, in elements (16 MB of float32). The
+# ICA embedding is rows x T x r x N; past glibc's mmap threshold (32 MB at most) every such buffer
+# is mmapped and zeroed afresh per call. Measured on the shipped model (2-core EPYC, one thread):
+# chunking merged batches to this budget made a 32-sequence gradient 1.75x faster per sequence
+# and 8 merged 16-step integrated-gradients requests 2.3x faster.
+CHUNK_ELEMENTS = 4_000_000
+
 
 @dataclass
 class ExplainSpec:
@@ -143,20 +150,29 @@ class LoadedModel:
     def forward_raw(self, module: torch.jit.ScriptModule):
         return lambda z: module(self._normalize(z))
 
+    def rows_per_chunk(self, length: int) -> int:
+        """Sequences (or scaled / noisy / occluded copies) per model call for this length."""
+        arch = self.manifest.architecture
+        width = self.manifest.input.n_features * (int(arch.get("r", 1)) if arch.get("attention") == "ica" else 1)
+        return max(1, CHUNK_ELEMENTS // (length * width))
+
     def predict(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         """Logits per sequence; sequences of equal length share one forward."""
         out: list[np.ndarray | None] = [None] * len(sequences)
         for length, idx in _by_length(sequences).items():
-            x = np.stack([sequences[i] for i in idx])
-            if self.onnx_session is not None:
-                z = (x - self.mean.cpu().numpy()) / self.std.cpu().numpy()
-                logits = self.onnx_session.run(None, {"x": z.astype(np.float32)})[0]
-            else:
-                with torch.inference_mode():
-                    xt = torch.from_numpy(x).to(self.device)
-                    logits = self.predict_module(self._normalize(xt)).float().cpu().numpy()
-            for j, i in enumerate(idx):
-                out[i] = logits[j]
+            rows = self.rows_per_chunk(length)
+            for start in range(0, len(idx), rows):
+                chunk = idx[start : start + rows]
+                x = np.stack([sequences[i] for i in chunk])
+                if self.onnx_session is not None:
+                    z = (x - self.mean.cpu().numpy()) / self.std.cpu().numpy()
+                    logits = self.onnx_session.run(None, {"x": z.astype(np.float32)})[0]
+                else:
+                    with torch.inference_mode():
+                        xt = torch.from_numpy(x).to(self.device)
+                        logits = self.predict_module(self._normalize(xt)).float().cpu().numpy()
+                for j, i in enumerate(chunk):
+                    out[i] = logits[j]
         return out  # type: ignore[return-value]
 
     def explain(self, sequences: list[np.ndarray], specs: list[ExplainSpec]) -> list[Explanation]:
@@ -171,8 +187,9 @@ class LoadedModel:
         for idx in groups.values():
             spec0 = specs[idx[0]]
             x = torch.from_numpy(np.stack([sequences[i] for i in idx])).to(self.device)
+            rows = self.rows_per_chunk(x.shape[1])
             with torch.no_grad():
-                logits = forward(x).float()
+                logits = torch.cat([forward(c).float() for c in x.split(rows)])
             predicted = logits.argmax(1).tolist()
             target_lists = []
             for j, i in enumerate(idx):
@@ -188,6 +205,7 @@ class LoadedModel:
             targets = torch.tensor(padded, dtype=torch.long, device=self.device)
             params = {k: torch.as_tensor(v, device=self.device) if isinstance(v, np.ndarray) else v
                       for k, v in spec0.params.items()}
+            params["internal_batch_size"] = rows  # for TSR, handed on to its base method
             if spec0.method == "tsr":
                 base = params.pop("base_method", "gradient")
                 sal = tsr(base, forward, x, targets, **params)
