@@ -37,6 +37,7 @@ from attribution import occlusion as _occlusion
 from attribution import smoothgrad as _smoothgrad
 from attribution import tsr as _tsr
 from attribution.core import BACKWARD_COST, Forward, input_gradients, reject_unknown
+from attribution.gradient import gradient_and_logits
 from attribution.tsr import tsr  # the function: from here on, attribution.tsr is this
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "Method",
     "attribute",
     "estimate_cost",
+    "gradient_and_logits",
     "input_gradients",
     "resolve_method",
     "tsr",

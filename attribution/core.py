@@ -196,6 +196,16 @@ def input_gradients(
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = check_logits(forward(x), x.shape[0], targets)
+        return gradients_of(logits, x, targets, forward, batched=batched)
+
+
+def gradients_of(
+    logits: Tensor, x: Tensor, targets: Tensor, forward: Forward, *, batched: Optional[bool] = None
+) -> Tensor:
+    """The backward half of `input_gradients`, for logits already computed from x (which
+    requires grad) by `forward`: lets a caller choose the targets after seeing the logits
+    without a second forward. `forward` rebuilds the graph if the batched backward fails."""
+    with torch.enable_grad():
         if logits.grad_fn is None:
             raise RuntimeError("forward's output does not depend on its input through autograd")
         k = targets.shape[1]

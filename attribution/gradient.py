@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -12,7 +12,9 @@ from attribution.core import (
     check_inputs,
     check_shape_args,
     chunks,
+    check_logits,
     gradient_pass_cost,
+    gradients_of,
     input_gradients,
     optional_positive_int,
     reject_unknown,
@@ -20,6 +22,36 @@ from attribution.core import (
 
 NAME = "gradient"
 PARAMS = ("internal_batch_size",)
+
+
+def gradient_and_logits(
+    forward: Forward,
+    x: Tensor,
+    choose_targets: Callable[[Tensor, int], Tensor],
+    *,
+    internal_batch_size: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logits (B, C), targets (B, K), gradients (B, K, T, N)) from one forward and one backward
+    per chunk, the targets chosen from the chunk's logits: `choose_targets(logits, offset)` gives
+    the (rows, K) targets of rows offset.. (e.g. each row's predicted class). The usual request,
+    the gradient of the predicted class, then needs no extra forward just to find the class.
+    """
+    ibs = optional_positive_int("internal_batch_size", internal_batch_size)
+    if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
+        raise ValueError("x must be a floating-point tensor of shape (B, T, N)")
+    logits_parts, target_parts, grad_parts = [], [], []
+    offset = 0
+    for xc in x.detach().split(ibs or x.shape[0]):
+        xc = xc.requires_grad_(True)
+        with torch.enable_grad():
+            lc = forward(xc)
+        _, tc = check_inputs(xc, choose_targets(lc.detach(), offset))
+        check_logits(lc, xc.shape[0], tc)
+        grad_parts.append(gradients_of(lc, xc, tc, forward))
+        logits_parts.append(lc.detach())
+        target_parts.append(tc)
+        offset += xc.shape[0]
+    return torch.cat(logits_parts), torch.cat(target_parts), torch.cat(grad_parts)
 
 
 def gradient(

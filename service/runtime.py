@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution import attribute, tsr
+from attribution import attribute, gradient_and_logits, tsr
 from model_store import Manifest, ModelStore
 
 log = logging.getLogger("icaserve.runtime")
@@ -188,33 +188,41 @@ class LoadedModel:
             spec0 = specs[idx[0]]
             x = torch.from_numpy(np.stack([sequences[i] for i in idx])).to(self.device)
             rows = self.rows_per_chunk(x.shape[1])
-            with torch.no_grad():
-                logits = torch.cat([forward(c).float() for c in x.split(rows)])
-            predicted = logits.argmax(1).tolist()
-            target_lists = []
-            for j, i in enumerate(idx):
-                s = specs[i]
-                if s.all_targets:
-                    target_lists.append(list(range(n_classes)))
-                elif s.targets:
-                    target_lists.append(list(s.targets))
-                else:
-                    target_lists.append([predicted[j]])
-            k_max = max(len(t) for t in target_lists)
-            padded = [t + [t[0]] * (k_max - len(t)) for t in target_lists]
-            targets = torch.tensor(padded, dtype=torch.long, device=self.device)
+            group_specs = [specs[i] for i in idx]
+            k_max = max(n_classes if s.all_targets else len(s.targets or [0]) for s in group_specs)
+
+            def choose(logits: torch.Tensor, offset: int) -> torch.Tensor:
+                """Each row's targets (its predicted class unless named), padded to k_max."""
+                chosen = []
+                for s, pred in zip(group_specs[offset:], logits.argmax(1).tolist()):
+                    t = list(range(n_classes)) if s.all_targets else list(s.targets or [pred])
+                    chosen.append(t + [t[0]] * (k_max - len(t)))
+                return torch.tensor(chosen, dtype=torch.long, device=self.device)
+
             params = {k: torch.as_tensor(v, device=self.device) if isinstance(v, np.ndarray) else v
                       for k, v in spec0.params.items()}
             params["internal_batch_size"] = rows  # for TSR, handed on to its base method
-            if spec0.method == "tsr":
-                base = params.pop("base_method", "gradient")
-                sal = tsr(base, forward, x, targets, **params)
-            elif spec0.method == "smoothgrad":
-                # `noise` is in standardised units (the API's contract): perturb z = (x - mean) / std
-                # and map the gradients back to raw units (d/dx = d/dz / std).
-                sal = attribute("smoothgrad", self.explain_module, self._normalize(x), targets, **params) / self.std
+            if spec0.method == "gradient":  # the default request: one forward, not two
+                logits, targets, sal = gradient_and_logits(forward, x, choose, internal_batch_size=rows)
+                logits = logits.float()
             else:
-                sal = attribute(spec0.method, forward, x, targets, **params)
+                with torch.no_grad():
+                    logits = torch.cat([forward(c).float() for c in x.split(rows)])
+                targets = choose(logits, 0)
+                if spec0.method == "tsr":
+                    base = params.pop("base_method", "gradient")
+                    sal = tsr(base, forward, x, targets, **params)
+                elif spec0.method == "smoothgrad":
+                    # `noise` is in standardised units (the API's contract): perturb z = (x - mean) / std
+                    # and map the gradients back to raw units (d/dx = d/dz / std).
+                    sal = attribute("smoothgrad", self.explain_module, self._normalize(x), targets,
+                                    **params) / self.std
+                else:
+                    sal = attribute(spec0.method, forward, x, targets, **params)
+            target_lists = [
+                t[: n_classes if s.all_targets else len(s.targets or [0])]
+                for s, t in zip(group_specs, targets.tolist())
+            ]
             sal_np = sal.float().cpu().numpy()
             logits_np = logits.cpu().numpy()
             attn = None

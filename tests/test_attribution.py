@@ -465,3 +465,34 @@ def test_public_api():
         "gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "occlusion"
     }
     assert callable(attribution.tsr) and attribution.Forward is not None
+
+
+@pytest.mark.parametrize("ibs", [None, 2])
+def test_gradient_and_logits_equals_forward_then_gradient(models, x, ibs):
+    """Targets chosen from the logits of the same pass equal the two-pass answer."""
+    _, scripted = models["ica"]
+    seen_offsets = []
+
+    def predicted_and_next(logits, offset):
+        seen_offsets.append(offset)
+        top = logits.argmax(1)
+        return torch.stack([top, (top + 1) % C], dim=1)
+
+    logits, targets, grads = attribution.gradient_and_logits(
+        scripted, x, predicted_and_next, internal_batch_size=ibs
+    )
+    with torch.no_grad():
+        expected_logits = scripted(x)
+    top = expected_logits.argmax(1)
+    expected_targets = torch.stack([top, (top + 1) % C], dim=1)
+    torch.testing.assert_close(logits, expected_logits)
+    assert torch.equal(targets, expected_targets)
+    torch.testing.assert_close(grads, attribute("gradient", scripted, x, expected_targets))
+    step = ibs or B
+    assert seen_offsets == list(range(0, B, step))
+
+
+def test_gradient_and_logits_rejects_bad_targets(models, x):
+    _, scripted = models["ica"]
+    with pytest.raises(ValueError, match="targets"):
+        attribution.gradient_and_logits(scripted, x, lambda logits, offset: torch.full((len(logits), 1), C))
