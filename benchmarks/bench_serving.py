@@ -17,11 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -38,47 +34,11 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.loopback import ServerProcess  # noqa: E402
 from icaserve.machine import machine_line  # noqa: E402
 from model_store import ModelStore  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=160)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, store: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "ICASERVE_STORE": str(store), "ICASERVE_POLL_INTERVAL_S": "0",
-                    "ICASERVE_LOG_LEVEL": "warning", **env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning", "--no-access-log"],
-            cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server not ready in 120 s")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def parse_timing(header: str | None) -> dict[str, float]:
@@ -242,7 +202,8 @@ def main() -> None:
         env = {"ICASERVE_BATCHING": str(batching).lower(), "ICASERVE_PREDICT_BACKEND": backend,
                "ICASERVE_MAX_BATCH_SIZE": "64", "ICASERVE_PREDICT_QUEUE_SIZE": "1024",
                "ICASERVE_EXPLAIN_QUEUE_SIZE": "1024", "ICASERVE_REQUEST_TIMEOUT_S": "120"}
-        server = Server(store_path, env)
+        server = ServerProcess(store_path, {"ICASERVE_POLL_INTERVAL_S": "0", "ICASERVE_LOG_LEVEL": "warning",
+                                            **env})
         try:
             path = "/explain" if endpoint.startswith("/explain") else "/predict"
             drive(server.url, path, body, 4, 1.0)  # warm-up

@@ -33,9 +33,6 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -53,6 +50,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.loopback import ServerProcess  # noqa: E402
 from icaserve.machine import machine_line  # noqa: E402
 from model_store import ModelStore  # noqa: E402
 
@@ -68,12 +66,6 @@ WARM_UP_S = 12.0
 WARM_UP_MIX = (("predict", 0.25), ("explain gradient", 0.25), ("explain ig16", 0.5))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_settings(timeout_s: float, device: str) -> dict[str, str]:
     return {
         "ICASERVE_DEVICE": device, "ICASERVE_TORCH_THREADS": "1", "ICASERVE_POLL_INTERVAL_S": "0",
@@ -84,63 +76,14 @@ def server_settings(timeout_s: float, device: str) -> dict[str, str]:
     }
 
 
-class SoakServer:
-    """`icaserve serve` (one worker: a single process, so its pid is the one whose memory we read)
-    on a free loopback port."""
+class SoakServer(ServerProcess):
+    """The service under soak, serving `model` by default."""
 
     def __init__(self, store: Path, model: str, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full = {k: v for k, v in os.environ.items() if not k.startswith("ICASERVE_")}
-        full.update({"ICASERVE_STORE": str(store), "ICASERVE_DEFAULT_MODEL": model, **env})
-        full["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "icaserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._err_tail: list[bytes] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited: " + b"".join(self._err_tail).decode(errors="replace")[-2000:])
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("server not ready within 180 s")
-
-    def _drain(self) -> None:  # keep the pipe empty; keep the tail for errors
-        for line in self.proc.stderr:
-            self._err_tail = (self._err_tail + [line])[-200:]
-
-    def log_tail(self) -> str:
-        return b"".join(self._err_tail).decode(errors="replace")
-
-    def rss_mib(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
+        super().__init__(store, {"ICASERVE_DEFAULT_MODEL": model, **env})
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=30).text
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
 
 
 def metric_sum(text: str, sample: str, **labels: str) -> float:
