@@ -232,9 +232,10 @@ async def _explain(request: Request, name: str | None, version: str | None) -> R
     seqs = sequences(raw.get("inputs"), model.manifest, settings.max_sequences)
     targets, all_targets = resolve_targets(req.target, model.class_names)
     params = _method_params(req, seqs, serving, settings)
-    n_targets = len(model.class_names) if all_targets else len(targets or [0])
+    spec = ExplainSpec(req.method, params, targets, all_targets, req.attention)
     try:
-        cost = _cost(req.method, params, seqs, model.manifest.input.n_features, n_targets)
+        cost = _cost(req.method, params, seqs, model.manifest.input.n_features,
+                     spec.n_targets(len(model.class_names)))
     except ValueError as exc:  # parameters the method refuses for these inputs, e.g. an occlusion window
         raise InvalidInput(f"parameters: {exc}", field="parameters") from None
     if cost > settings.max_explain_cost:
@@ -246,7 +247,7 @@ async def _explain(request: Request, name: str | None, version: str | None) -> R
         raise InvalidInput("attention: this model has no input-cell attention", field="attention")
     request.state.timings["parse_s"] = time.perf_counter() - t0
     request.state.method = req.method
-    specs = [ExplainSpec(req.method, params, targets, all_targets, req.attention) for _ in seqs]
+    specs = [spec] * len(seqs)  # read-only to the batcher
     results: list[Explanation] = await submit(request, serving.explain, seqs, specs)
     metrics.EXPLANATIONS.labels(req.method).inc(len(seqs))
     names = model.class_names

@@ -43,6 +43,10 @@ class ExplainSpec:
     all_targets: bool = False
     attention: bool = False
 
+    def n_targets(self, n_classes: int) -> int:
+        """How many saliency matrices this sequence gets."""
+        return n_classes if self.all_targets else len(self.targets or [0])
+
     def group_key(self, length: int) -> tuple:
         """Sequences with equal keys are explained in one call."""
         frozen = tuple(sorted((k, _freeze(v)) for k, v in self.params.items()))
@@ -189,7 +193,7 @@ class LoadedModel:
             x = torch.from_numpy(np.stack([sequences[i] for i in idx])).to(self.device)
             rows = self.rows_per_chunk(x.shape[1])
             group_specs = [specs[i] for i in idx]
-            k_max = max(n_classes if s.all_targets else len(s.targets or [0]) for s in group_specs)
+            k_max = max(s.n_targets(n_classes) for s in group_specs)
 
             def choose(logits: torch.Tensor, offset: int) -> torch.Tensor:
                 """Each row's targets (its predicted class unless named), padded to k_max."""
@@ -220,8 +224,7 @@ class LoadedModel:
                 else:
                     sal = attribute(spec0.method, forward, x, targets, **params)
             target_lists = [
-                t[: n_classes if s.all_targets else len(s.targets or [0])]
-                for s, t in zip(group_specs, targets.tolist())
+                t[: s.n_targets(n_classes)] for s, t in zip(group_specs, targets.tolist())
             ]
             sal_np = sal.float().cpu().numpy()
             logits_np = logits.cpu().numpy()
