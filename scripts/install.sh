@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Installs icaserve into the current Python. `--test` adds the test tools and Prometheus.
-# torch is pinned first: an unpinned torch pulls gigabytes of CUDA packages on a CPU machine.
+# Every dependency comes from requirements/lock.txt (constraints), so a fresh machine gets the
+# versions the suite was last run with; scripts/lock.sh regenerates it. torch is pinned there too
+# and installed first: an unpinned torch pulls gigabytes of CUDA packages on a CPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+LOCK=requirements/lock.txt
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
 "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
-  || "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+  || "$PY" -m pip install -q -c "$LOCK" "torch==2.13.0"
 
 if [[ "${1:-}" == "--test" ]]; then
-  "$PY" -m pip install -q -e ".[test]"
+  "$PY" -m pip install -q -c "$LOCK" -e ".[test]"
   # The observability tests run a real Prometheus server (Debian's package) on loopback.
   if ! command -v prometheus >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
@@ -20,5 +23,7 @@ if [[ "${1:-}" == "--test" ]]; then
     fi
   fi
 else
-  "$PY" -m pip install -q -e .
+  "$PY" -m pip install -q -c "$LOCK" -e .
 fi
+# A machine that holds other versions from earlier installs would hide a broken lock: say so.
+"$PY" -m pip check >/dev/null || { "$PY" -m pip check; exit 1; }
