@@ -9,7 +9,9 @@ from torch import Tensor
 
 from attribution.core import (
     Forward,
+    StopCheck,
     check_inputs,
+    check_stop,
     check_shape_args,
     chunks,
     check_logits,
@@ -18,10 +20,11 @@ from attribution.core import (
     input_gradients,
     optional_positive_int,
     reject_unknown,
+    stop_check,
 )
 
 NAME = "gradient"
-PARAMS = ("internal_batch_size",)
+PARAMS = ("internal_batch_size", "should_stop")
 
 
 def gradient_and_logits(
@@ -30,18 +33,22 @@ def gradient_and_logits(
     choose_targets: Callable[[Tensor, int], Tensor],
     *,
     internal_batch_size: Optional[int] = None,
+    should_stop: StopCheck = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(logits (B, C), targets (B, K), gradients (B, K, T, N)) from one forward and one backward
     per chunk, the targets chosen from the chunk's logits: `choose_targets(logits, offset)` gives
     the (rows, K) targets of rows offset.. (e.g. each row's predicted class). The usual request,
     the gradient of the predicted class, then needs no extra forward just to find the class.
+    should_stop: asked before each chunk (raises `attribution.core.Stopped`).
     """
     ibs = optional_positive_int("internal_batch_size", internal_batch_size)
+    should_stop = stop_check(should_stop)
     if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor of shape (B, T, N)")
     logits_parts, target_parts, grad_parts = [], [], []
     offset = 0
     for xc in x.detach().split(ibs or x.shape[0]):
+        check_stop(should_stop)
         xc = xc.requires_grad_(True)
         with torch.enable_grad():
             lc = forward(xc)
@@ -60,23 +67,29 @@ def gradient(
     targets: Tensor,
     *,
     internal_batch_size: Optional[int] = None,
+    should_stop: StopCheck = None,
 ) -> Tensor:
     """(B, K, T, N) input gradients of each target's logit.
 
     internal_batch_size: at most this many samples per forward/backward (default None: the
     whole batch, i.e. one forward and one backward for all B samples and all K targets).
+    should_stop: asked before each chunk (raises `attribution.core.Stopped`).
     """
     ibs = optional_positive_int("internal_batch_size", internal_batch_size)
     x, targets = check_inputs(x, targets)
-    return batched_gradients(forward, x, targets, ibs)
+    return batched_gradients(forward, x, targets, ibs, stop_check(should_stop))
 
 
 def batched_gradients(
-    forward: Forward, x: Tensor, targets: Tensor, internal_batch_size: Optional[int]
+    forward: Forward,
+    x: Tensor,
+    targets: Tensor,
+    internal_batch_size: Optional[int],
+    should_stop: StopCheck = None,
 ) -> Tensor:
     parts = [
         input_gradients(forward, x[a:b], targets[a:b])
-        for a, b in chunks(x.shape[0], internal_batch_size)
+        for a, b in chunks(x.shape[0], internal_batch_size, should_stop)
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
@@ -85,5 +98,6 @@ def cost(batch: int, time_steps: int, features: int, n_targets: int, **params: A
     """B forwards plus B backwards for K targets (forward-equivalents)."""
     reject_unknown(NAME, params, PARAMS)
     optional_positive_int("internal_batch_size", params.get("internal_batch_size"))
+    stop_check(params.get("should_stop"))
     b, _, _, k = check_shape_args(batch, time_steps, features, n_targets)
     return b * gradient_pass_cost(k)

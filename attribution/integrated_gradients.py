@@ -18,6 +18,7 @@ from torch import Tensor
 
 from attribution.core import (
     Forward,
+    StopCheck,
     baseline_like,
     check_baseline_spec,
     check_inputs,
@@ -28,10 +29,11 @@ from attribution.core import (
     optional_positive_int,
     positive_int,
     reject_unknown,
+    stop_check,
 )
 
 NAME = "integrated_gradients"
-PARAMS = ("steps", "baseline", "integration", "internal_batch_size")
+PARAMS = ("steps", "baseline", "integration", "internal_batch_size", "should_stop")
 QUADRATURES = (
     "gausslegendre",
     "riemann_left",
@@ -95,6 +97,7 @@ def integrated_gradients(
     baseline: Any = None,
     integration: str = "gausslegendre",
     internal_batch_size: Optional[int] = DEFAULT_INTERNAL_BATCH_SIZE,
+    should_stop: StopCheck = None,
 ) -> Tensor:
     """(B, K, T, N) integrated gradients.
 
@@ -102,12 +105,14 @@ def integrated_gradients(
     broadcastable to x. integration: the quadrature, captum's ``method`` names
     ("gausslegendre", the default, or "riemann_left/right/middle/trapezoid").
     internal_batch_size: rows (step, sample) per forward/backward (default 256; None = all
-    steps * B rows at once, like captum's default).
+    steps * B rows at once, like captum's default). should_stop: asked before each chunk
+    (raises `attribution.core.Stopped`).
     """
     steps, method, ibs = _check(
         {"steps": steps, "integration": integration, "internal_batch_size": internal_batch_size}
     )
     x, targets = check_inputs(x, targets)
+    should_stop = stop_check(should_stop)
     base = baseline_like("baseline", baseline, x)
     alphas_np, weights_np = quadrature(method, steps)
     alphas = torch.tensor(alphas_np, dtype=x.dtype, device=x.device)
@@ -115,7 +120,7 @@ def integrated_gradients(
     batch = x.shape[0]
     diff = x - base
     total = torch.zeros((batch, targets.shape[1]) + x.shape[1:], dtype=x.dtype, device=x.device)
-    for start, stop in chunks(steps * batch, ibs):
+    for start, stop in chunks(steps * batch, ibs, should_stop):
         rows = torch.arange(start, stop, device=x.device)
         s, b = rows // batch, rows % batch
         scaled = base[b] + alphas[s].view(-1, 1, 1) * diff[b]
@@ -128,6 +133,7 @@ def cost(batch: int, time_steps: int, features: int, n_targets: int, **params: A
     """steps * B forwards and backwards (forward-equivalents)."""
     reject_unknown(NAME, params, PARAMS)
     steps, _, _ = _check(params)
+    stop_check(params.get("should_stop"))
     b, t, n, k = check_shape_args(batch, time_steps, features, n_targets)
     check_baseline_spec("baseline", params.get("baseline"), b, t, n)
     return steps * b * gradient_pass_cost(k)

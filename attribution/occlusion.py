@@ -27,6 +27,7 @@ from torch import Tensor
 
 from attribution.core import (
     Forward,
+    StopCheck,
     baseline_like,
     check_baseline_spec,
     check_inputs,
@@ -36,10 +37,11 @@ from attribution.core import (
     int_pair,
     optional_positive_int,
     reject_unknown,
+    stop_check,
 )
 
 NAME = "occlusion"
-PARAMS = ("window", "stride", "baseline", "internal_batch_size")
+PARAMS = ("window", "stride", "baseline", "internal_batch_size", "should_stop")
 DEFAULT_WINDOW = (5, 5)
 DEFAULT_INTERNAL_BATCH_SIZE = 1024
 
@@ -83,9 +85,12 @@ def occlusion(
     stride: Any = None,
     baseline: Any = None,
     internal_batch_size: Optional[int] = DEFAULT_INTERNAL_BATCH_SIZE,
+    should_stop: StopCheck = None,
 ) -> Tensor:
-    """(B, K, T, N) occlusion attributions (see the module docstring for the parameters)."""
+    """(B, K, T, N) occlusion attributions (see the module docstring for the parameters).
+    should_stop: asked before each chunk (raises `attribution.core.Stopped`)."""
     ibs = optional_positive_int("internal_batch_size", internal_batch_size)
+    should_stop = stop_check(should_stop)
     x, targets = check_inputs(x, targets)
     batch, t, n = x.shape
     win, st = resolve_window(t, n, window, stride)
@@ -98,7 +103,7 @@ def occlusion(
     with torch.no_grad():
         initial = check_logits(forward(x), batch, targets).gather(1, targets)  # (B, K)
         drops = torch.empty(batch * n_windows, k, dtype=initial.dtype, device=x.device)
-        for start, stop in chunks(batch * n_windows, ibs):
+        for start, stop in chunks(batch * n_windows, ibs, should_stop):
             rows = torch.arange(start, stop, device=x.device)
             b, w = rows // n_windows, rows % n_windows
             mask = (cover_t[w // n_j][:, :, None] * cover_n[w % n_j][:, None, :]).bool()
@@ -122,6 +127,7 @@ def cost(batch: int, time_steps: int, features: int, n_targets: int, **params: A
     """B * (1 + number of windows) forwards; the K targets come free."""
     reject_unknown(NAME, params, PARAMS)
     optional_positive_int("internal_batch_size", params.get("internal_batch_size"))
+    stop_check(params.get("should_stop"))
     b, t, n, _ = check_shape_args(batch, time_steps, features, n_targets)
     check_baseline_spec("baseline", params.get("baseline"), b, t, n)
     return b * (1 + n_windows(t, n, params.get("window"), params.get("stride")))

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from attribution.core import (
     Forward,
+    StopCheck,
     check_inputs,
     check_shape_args,
     chunks,
@@ -33,10 +34,11 @@ from attribution.core import (
     optional_positive_int,
     positive_int,
     reject_unknown,
+    stop_check,
 )
 
 NAME = "smoothgrad"
-PARAMS = ("samples", "noise", "seed", "internal_batch_size")
+PARAMS = ("samples", "noise", "seed", "internal_batch_size", "should_stop")
 DEFAULT_INTERNAL_BATCH_SIZE = 256
 
 
@@ -76,17 +78,20 @@ def smoothgrad(
     noise: float = 0.15,
     seed: int = 0,
     internal_batch_size: Optional[int] = DEFAULT_INTERNAL_BATCH_SIZE,
+    should_stop: StopCheck = None,
 ) -> Tensor:
-    """(B, K, T, N) mean input gradient over ``samples`` noisy copies of each sample."""
+    """(B, K, T, N) mean input gradient over ``samples`` noisy copies of each sample.
+    should_stop: asked before each chunk (raises `attribution.core.Stopped`)."""
     samples, noise, seed, ibs = _check(
         {"samples": samples, "noise": noise, "seed": seed,
          "internal_batch_size": internal_batch_size}
     )
     x, targets = check_inputs(x, targets)
+    should_stop = stop_check(should_stop)
     batch, t, n = x.shape
     eps = noise_draws(samples, t, n, noise=noise, seed=seed, dtype=x.dtype, device=x.device)
     total = torch.zeros((batch, targets.shape[1], t, n), dtype=x.dtype, device=x.device)
-    for start, stop in chunks(samples * batch, ibs):
+    for start, stop in chunks(samples * batch, ibs, should_stop):
         rows = torch.arange(start, stop, device=x.device)
         s, b = rows // batch, rows % batch
         total.index_add_(0, b, input_gradients(forward, x[b] + eps[s], targets[b]))
@@ -97,5 +102,6 @@ def cost(batch: int, time_steps: int, features: int, n_targets: int, **params: A
     """samples * B forwards and backwards (forward-equivalents)."""
     reject_unknown(NAME, params, PARAMS)
     samples, _, _, _ = _check(params)
+    stop_check(params.get("should_stop"))
     b, _, _, k = check_shape_args(batch, time_steps, features, n_targets)
     return samples * b * gradient_pass_cost(k)

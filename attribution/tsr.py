@@ -17,7 +17,14 @@ used); in particular T = 1 gives an all-zero map.
 Batched: all T masked copies of every sample, then all N single-cell copies of every kept
 (sample, step), are stacked and sent to the base method ``chunk_size`` copies per call (each of
 which the base method splits further by its own ``internal_batch_size``). A step kept for any of
-a sample's K targets is expanded once and its copies scored for all K targets.
+a sample's K targets is expanded once and its copies scored for all K targets. ``should_stop``
+is asked before every such call and handed on to the base method (see `attribution.core`).
+
+Registered in ``attribution.METHODS`` as "tsr" with ``base_method`` as a parameter (default
+"gradient"): ``attribute("tsr", f, x, targets, base_method="smoothgrad", samples=8)`` and
+``estimate_cost("tsr", ...)`` work like any other method, and the parameters TSR accepts are its
+own plus those of its base method (`params_for`). ``tsr(base_method, ...)`` and
+``cost(base_method, ...)`` remain the positional forms.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from torch import Tensor
 
 from attribution.core import (
     Forward,
+    StopCheck,
     baseline_like,
     check_baseline_spec,
     check_inputs,
@@ -38,9 +46,26 @@ from attribution.core import (
     finite_float,
     minmax,
     positive_int,
+    reject_unknown,
+    stop_check,
 )
 
+NAME = "tsr"
+DEFAULT_BASE_METHOD = "gradient"
 DEFAULT_CHUNK_SIZE = 64
+#: TSR's own parameters; it also accepts those of its base method (see `params_for`).
+OWN_PARAMS = (
+    "base_method", "threshold_quantile", "feature_default", "baseline", "chunk_size", "should_stop"
+)
+
+
+def params_for(params: dict[str, Any]) -> tuple[str, ...]:
+    """The parameter names TSR accepts alongside ``params``: its own and its base method's (so
+    a parameter of another base method is refused by name). Raises ValueError on a bad base."""
+    from attribution import resolve_base_method
+
+    base = resolve_base_method(params.get("base_method", DEFAULT_BASE_METHOD))
+    return OWN_PARAMS + tuple(p for p in base.params if p not in OWN_PARAMS)
 
 
 def _check(params: dict[str, Any]) -> tuple[float, float, int]:
@@ -60,17 +85,22 @@ def tsr(
     feature_default: float = 0.1,
     baseline: Any = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    should_stop: StopCheck = None,
     **base_params: Any,
 ) -> Tensor:
-    """(B, K, T, N) TSR scores in [0, 1] on top of ``base_method`` (a name in ``METHODS``).
+    """(B, K, T, N) TSR scores in [0, 1] on top of ``base_method`` (a name in
+    ``attribution.BASE_METHODS``).
 
     baseline: the value masked cells take (None = zeros, a number, or a tensor broadcastable
     to x). Base methods that take a baseline (integrated gradients, occlusion) use the same one.
-    chunk_size: masked copies per base-method call. base_params: the base method's parameters.
+    chunk_size: masked copies per base-method call. should_stop: asked before each base-method
+    call and handed on to it (raises `attribution.core.Stopped`). base_params: the base
+    method's parameters.
     """
-    from attribution import resolve_method
+    from attribution import resolve_base_method
 
-    spec = resolve_method(base_method)
+    spec = resolve_base_method(base_method)
+    should_stop = stop_check(should_stop)
     q, fd, chunk = _check(
         {"threshold_quantile": threshold_quantile, "feature_default": feature_default,
          "chunk_size": chunk_size}
@@ -83,10 +113,11 @@ def tsr(
     spec.cost(1, t, n, k, **base_params)  # validates the base method's parameters up front
 
     extra = {"baseline": base} if takes_baseline else {}
+    base_params = {**base_params, "should_stop": should_stop}
     ref = torch.cat([
         spec.fn(forward, x[lo:hi], targets[lo:hi], **base_params,
                 **{key: v[lo:hi] for key, v in extra.items()})
-        for lo, hi in chunks(batch, chunk)
+        for lo, hi in chunks(batch, chunk, should_stop)
     ])  # (B, K, T, N)
 
     def relevance(rows_b: Tensor, rows_t: Tensor, rows_i: Tensor | None) -> Tensor:
@@ -94,7 +125,7 @@ def tsr(
         with time column rows_t[r] (or only the cell (rows_t[r], rows_i[r])) set to the
         baseline. Only ``chunk`` copies and their attributions exist at a time."""
         parts = []
-        for start, stop in chunks(len(rows_b), chunk):
+        for start, stop in chunks(len(rows_b), chunk, should_stop):
             b = rows_b[start:stop].to(x.device)
             tt = rows_t[start:stop].to(x.device)
             r = torch.arange(stop - start, device=x.device)
@@ -148,13 +179,17 @@ def cost(
     feature_default: float = 0.1,
     baseline: Any = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    should_stop: StopCheck = None,
     **base_params: Any,
 ) -> int:
     """Upper bound, in forward-equivalents: (1 + T + kept * N) base attributions per sample,
-    kept = the steps expanded per sample, at most min(T, K * (T - 1 - floor(q * (T - 1))))."""
-    from attribution import resolve_method
+    kept = the steps expanded per sample, at most min(T, K * (T - 1 - floor(q * (T - 1)))).
+    So ``threshold_quantile`` counts: at q = 0 every step but the least relevant is expanded
+    (kept = T - 1 for one target), at the default 0.55 less than half."""
+    from attribution import resolve_base_method
 
-    spec = resolve_method(base_method)
+    spec = resolve_base_method(base_method)
+    stop_check(should_stop)
     q, _, _ = _check(
         {"threshold_quantile": threshold_quantile, "feature_default": feature_default,
          "chunk_size": chunk_size}
@@ -164,3 +199,28 @@ def cost(
     per_sample = spec.cost(1, t, n, k, **base_params)
     kept = min(t, k * (t - 1 - math.floor(q * (t - 1))))
     return b * per_sample * (1 + t + kept * n)
+
+
+# --------------------------------------------------------------------------------------------
+# the registered form: base_method as a parameter, like every other method's parameters
+
+
+def tsr_method(
+    forward: Forward,
+    x: Tensor,
+    targets: Tensor,
+    *,
+    base_method: str = DEFAULT_BASE_METHOD,
+    **params: Any,
+) -> Tensor:
+    """``tsr(base_method, ...)`` with the base method as a keyword (``METHODS["tsr"].fn``)."""
+    return tsr(base_method, forward, x, targets, **params)
+
+
+def method_cost(batch: int, time_steps: int, features: int, n_targets: int, **params: Any) -> int:
+    """``cost`` with the base method as a keyword (``METHODS["tsr"].cost``); refuses parameters
+    that neither TSR nor its base method takes."""
+    reject_unknown(NAME, params, params_for(params))
+    rest = {k: v for k, v in params.items() if k != "base_method"}
+    return cost(params.get("base_method", DEFAULT_BASE_METHOD), batch, time_steps, features,
+                n_targets, **rest)

@@ -212,6 +212,11 @@ def serve(
         shutil.rmtree(mp_dir, ignore_errors=True)
         os.makedirs(mp_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+        if not os.environ.get("ICASERVE_CONTROL_DIR"):  # POST /admin/reload reaches every worker through it
+            import atexit
+
+            os.environ["ICASERVE_CONTROL_DIR"] = control_dir = tempfile.mkdtemp(prefix="icaserve-control-")
+            atexit.register(shutil.rmtree, control_dir, True)
     import signal
 
     import uvicorn
@@ -223,10 +228,10 @@ def serve(
     # otherwise be the default one and kill us with status 143 (skipping the clean-up below): a
     # graceful stop exits 0, as it does with several workers.
     signal.signal(signal.SIGTERM, _exit_0)
+    from service.server import APP, uvicorn_options
+
     try:
-        uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
-                    workers=settings.workers, log_level=settings.log_level, access_log=False,
-                    timeout_graceful_shutdown=int(settings.request_timeout_s) + 5)
+        uvicorn.run(APP, **uvicorn_options(settings))  # tests/conftest.py serves with this command too
     finally:
         if own_mp_dir is not None:  # ours, made above: leave no temp folder behind
             shutil.rmtree(own_mp_dir, ignore_errors=True)

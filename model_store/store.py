@@ -181,11 +181,33 @@ class ModelStore:
         return self._model_dir(name) / str(self.resolve(name, version))
 
     def manifest(self, name: str, version: int | str | None = "latest") -> Manifest:
+        """The manifest of a version, which must name the folder it lies in: a version folder
+        copied under another number (`cp -r 1 2`) would otherwise load as the version its
+        manifest names, and a server would see a "new" version on every poll."""
         path = self.version_dir(name, version) / MANIFEST
         try:
-            return Manifest.model_validate_json(path.read_bytes())
+            manifest = Manifest.model_validate_json(path.read_bytes())
         except (OSError, ValidationError, ValueError) as exc:
             raise ManifestError(f"manifest of {name} v{path.parent.name} is unreadable or invalid: {exc}") from None
+        if manifest.name != name or str(manifest.version) != path.parent.name:
+            raise ManifestError(
+                f"manifest of {name} v{path.parent.name} says {manifest.name} v{manifest.version}: it does not "
+                f"match its folder (a copied version?); publish with `icaserve export`")
+        return manifest
+
+    def signature(self, name: str, version: int | str) -> tuple:
+        """What the files of a version folder look like now (name, size, mtime, ctime, inode of
+        each entry): a few stat calls, no reads. A refused version is retried once this changes,
+        e.g. when a file that was still being written is complete."""
+        vdir = self.version_dir(name, version)
+        out = []
+        for entry in sorted(os.scandir(vdir), key=lambda e: e.name):
+            try:
+                st = entry.stat()
+            except OSError:  # vanished between listing and stat
+                continue
+            out.append((entry.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        return tuple(out)
 
     def read_file(self, name: str, version: int | str | None, key: str) -> tuple[Manifest, bytes]:
         """The bytes of one model file, after checking size and SHA-256 against the manifest."""

@@ -11,7 +11,9 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
+import anyio
 import orjson
 import torch
 from fastapi import FastAPI
@@ -20,26 +22,42 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from icaserve.tuning import tune_malloc
 from service import api, errors, metrics, v2
-from service.errors import PayloadTooLarge
+from service.errors import ApiError, PayloadTooLarge
 from service.logs import REQUEST_ID, configure_logging
 from service.registry import ModelRegistry
 from service.runtime import pick_device
+from service.server import OVER_CONNECTION_CAP
 from service.settings import Settings
 
 log = logging.getLogger("icaserve.access")
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
+
+
+class RequestTimeout(ApiError):
+    """The client kept the server waiting for its request body longer than `body_timeout_s`."""
+
+    status, code = 408, "request_timeout"
 
 
 class RequestContext:
-    """Request id, body-size limit, in-flight gauge, request metrics and the access log line.
+    """Request id, body-size and body-time limits, in-flight gauge, request metrics and the access log line.
 
     A pure ASGI middleware, so the body limit also holds for chunked uploads: the byte count is
-    checked as the body streams in, before it is all in memory.
+    checked as the body streams in, before it is all in memory. The time spent waiting for the
+    body is bounded too (`body_timeout_s` in all, 408 and close past it), so a client that
+    trickles or stalls its body cannot hold a request open. A client that leaves before its
+    request is answered is counted apart (status 499, kind `client_closed`): nothing failed here.
+    HEAD is answered as GET without the body; a connection beyond the server's cap (marked by
+    service/server.py) gets 503 with Retry-After.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float = 30.0,
+                 retry_after_s: int = 1) -> None:
         self.app = app
         self.max_body = max_body_bytes
+        self.body_timeout = body_timeout_s
+        self.retry_after = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,55 +66,99 @@ class RequestContext:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-request-id", "")
         request_id = given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         timings: dict[str, float] = {}
-        scope["state"]["timings"] = timings
+        state["timings"] = timings
         token = REQUEST_ID.set(request_id)
-        status = {"code": 500}
+        head_only = scope.get("method") == "HEAD"
+        # HEAD on a GET route is the GET without its body (FastAPI routes list GET only). A copy, so
+        # the server still sees HEAD and sends no body; the router writes the route into it.
+        app_scope = {**scope, "method": "GET"} if head_only else scope
+        status: dict[str, Any] = {"code": 500, "started": False}
         start = time.perf_counter()
         declared = headers.get("content-length")
         too_big = declared is not None and declared.isdigit() and int(declared) > self.max_body
+        over_cap = state.get(OVER_CONNECTION_CAP)
         received = 0
+        waited = 0.0  # seconds spent waiting for body chunks
+        body_done = False
+        client_gone = False  # the client disconnected before the answer started
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, waited, body_done, client_gone
+            if body_done:  # after the body: e.g. listening for a disconnect, not bounded
+                return await receive()
+            t0 = time.monotonic()
+            try:
+                with anyio.fail_after(self.body_timeout - waited):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(f"request body not received within {self.body_timeout:g} s", field="body",
+                                     headers={"Connection": "close"}) from None
+            finally:
+                waited += time.monotonic() - t0
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    raise PayloadTooLarge(f"request body over {self.max_body} bytes", field="body")
+                    raise PayloadTooLarge(f"request body over {self.max_body} bytes", field="body",
+                                          headers={"Connection": "close"})
+                body_done = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect" and not status["started"]:
+                client_gone = True
             return message
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                status["started"] = True
                 extra = [(b"x-request-id", request_id.encode())]
                 if timings:
                     extra.append((b"server-timing", _server_timing(timings, time.perf_counter() - start)))
                 message["headers"] = [*message.get("headers", []), *extra]
+            elif head_only and message["type"] == "http.response.body" and message.get("body"):
+                message = {**message, "body": b""}
             await send(message)
 
-        counted = scope.get("path") not in metrics.UNCOUNTED_PATHS  # probes and scrapes are not traffic
+        async def refuse(code: int, kind: str, message: str, field: str | None,
+                         extra: list[tuple[bytes, bytes]]) -> None:
+            """Answer in the error format without calling the app (its route is never resolved)."""
+            body = orjson.dumps({"error": message, "code": kind, "field": field, "request_id": request_id})
+            state["error_code"] = kind
+            await send_with_id({"type": "http.response.start", "status": code,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
+                                            *extra]})
+            await send_with_id({"type": "http.response.body", "body": body})
+
+        # probes and scrapes are not traffic; nor are connections turned away at the cap
+        counted = scope.get("path") not in metrics.UNCOUNTED_PATHS and not over_cap
         if counted:
             metrics.IN_FLIGHT.inc()
         try:
-            if too_big:  # refuse before reading a byte of it
-                body = {"error": f"request body over {self.max_body} bytes", "code": "payload_too_large",
-                        "field": "body", "request_id": request_id}
-                scope["state"]["error_code"] = "payload_too_large"
-                await send_with_id({"type": "http.response.start", "status": 413,
-                                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-                await send_with_id({"type": "http.response.body", "body": orjson.dumps(body)})
+            if over_cap:
+                await refuse(503, "too_many_connections", f"the server holds its maximum of {over_cap} open "
+                             "connections; retry shortly", None, [(b"retry-after", str(self.retry_after).encode())])
+            elif too_big:  # refuse before reading a byte of it
+                await refuse(413, "payload_too_large", f"request body over {self.max_body} bytes", "body", [])
             else:
-                await self.app(scope, limited_receive, send_with_id)
+                try:
+                    await self.app(app_scope, limited_receive, send_with_id)
+                except Exception:
+                    if not client_gone or status["started"]:
+                        raise
+                    # The client left mid-request (typically mid-body): there is nobody to answer
+                    # and nothing failed here, so no 500 and no traceback; counted below as 499.
         finally:
             if counted:
                 metrics.IN_FLIGHT.dec()
             elapsed = time.perf_counter() - start
-            route = scope.get("route")
+            route = app_scope.get("route")
             endpoint = getattr(route, "path", "other")
-            state = scope.get("state", {})
             code = status["code"]
+            if client_gone and not status["started"]:
+                code = CLIENT_CLOSED
+                state["error_code"] = "client_closed"
             if endpoint not in metrics.UNCOUNTED_PATHS:
                 metrics.REQUESTS.labels(endpoint, state.get("model", ""), state.get("version", ""), str(code)).inc()
                 metrics.REQUEST_SECONDS.labels(endpoint).observe(elapsed)
@@ -161,5 +223,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
+                       retry_after_s=settings.retry_after_s)
     return app

@@ -1,12 +1,18 @@
-"""Dynamic batching: concurrent requests for one model version merge into one model call.
+"""Dynamic batching: concurrent requests for one model merge into one model call.
 
-One `Batcher` per (model version, kind). Requests wait in a bounded queue; a single worker task
-takes the first, adds whatever else is queued, and keeps collecting until `max_batch` sequences or
-`max_wait` has passed (0: no waiting, only what queued up while the model was busy), and runs
-the merged batch in the batcher's own thread, off the event loop. A full queue refuses at once
-(the caller answers 503 with Retry-After); a request whose deadline passes while queued is
-dropped before it costs compute. Predict and explain have separate batchers and threads, so slow
-explanations never hold predictions back.
+One `Batcher` per (model, kind), shared by every loaded version of that model: each version
+enters it through a `Lane` that tags its jobs with the version's own compute, and a batch only
+ever merges jobs of one version. So the queue bound holds per model whatever versions come and
+go (a hot swap does not open a second queue, nor run late requests outside any queue), and one
+thread per (model, kind) computes, whichever version a request was routed to.
+
+Requests wait in a bounded queue; a single worker task takes the first, adds whatever else of the
+same version is queued, and keeps collecting until `max_batch` sequences or `max_wait` has passed
+(0: no waiting, only what queued up while the model was busy), and runs the merged batch in the
+batcher's own thread, off the event loop. A full queue refuses at once (the caller answers 503
+with Retry-After); a request whose deadline passes while queued is dropped before it costs
+compute, and leaves the queue as soon as its caller gives up. Predict and explain have separate
+batchers and threads, so slow explanations never hold predictions back.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,11 +35,28 @@ class QueueFull(Exception):
     pass
 
 
+class Stopped(QueueFull):
+    """The batcher has stopped (the server is shutting down): 503, as a full queue, so clients
+    retry, elsewhere or later."""
+
+
 class Expired(Exception):
-    pass
+    """A request's deadline passed: raised to its caller (504). The compute (`run`) may raise it
+    too, between chunks, once every row of its batch is past its deadline."""
 
 
-@dataclass
+RunBatch = Callable[[list[Any], list[Any] | None], Sequence[Any]]
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a job's exception as retrieved the moment it is set. Its caller may have given up
+    already (its `wait_for` timed out, which detaches the shielded future), and asyncio would
+    then log "Future exception was never retrieved" when the job is freed."""
+    if not future.cancelled():
+        future.exception()
+
+
+@dataclass(eq=False)  # identity: jobs are removed from the queue by identity, never compared by value
 class Job:
     """One request: several sequences (and per-sequence specs) answered together."""
 
@@ -40,80 +64,114 @@ class Job:
     specs: list[Any] | None
     deadline: float
     future: asyncio.Future
+    run: RunBatch  # the compute of the version the request was routed to
     enqueued: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)  # queue_s, model_s, batch (for Server-Timing)
 
 
-RunBatch = Callable[[list[Any], list[Any] | None], Sequence[Any]]
-
-
 class Batcher:
-    def __init__(self, name: str, run: RunBatch, *, max_batch: int, max_wait_s: float, max_queue: int,
-                 enabled: bool = True) -> None:
+    def __init__(self, name: str, run: RunBatch | None = None, *, max_batch: int, max_wait_s: float,
+                 max_queue: int, enabled: bool = True) -> None:
         self.name = name  # the queue label: "predict" or "explain"
-        self.run = run
+        self.run = run  # used when submit() is not given one (a batcher of a single compute)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
         self.enabled = enabled
-        self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=max_queue)
+        self._queue: deque[Job] = deque()
+        self._arrived = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"icaserve-{name}")
         self._task: asyncio.Task | None = None
         self._running = False  # the worker holds jobs (collecting, computing or answering them)
-        self._closed = False  # drain_and_stop was called: new jobs no longer go through the queue
+        self._closed = False  # drain_and_stop was called: no new jobs
 
     def start(self) -> None:
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
 
+    def lane(self, run: RunBatch) -> "Lane":
+        """The way in for one model version: its jobs are computed by `run`."""
+        return Lane(self, run)
+
     async def submit(self, sequences: list[Any], specs: list[Any] | None, timeout_s: float,
-                     timings: dict[str, float] | None = None) -> list[Any]:
+                     timings: dict[str, float] | None = None, run: RunBatch | None = None) -> list[Any]:
         """Results for `sequences`, in order; fills `timings` with queue and model seconds."""
+        if self._closed:
+            raise Stopped(self.name)
+        run = run or self.run
+        if run is None:
+            raise TypeError("submit() needs `run` on a batcher made without one")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(self.name)
         loop = asyncio.get_running_loop()
-        job = Job(sequences, specs, time.perf_counter() + timeout_s, loop.create_future())
+        job = Job(sequences, specs, time.perf_counter() + timeout_s, loop.create_future(), run)
+        job.future.add_done_callback(_retrieve)
         if timings is not None:
             job.timings = timings
-        if self._closed:
-            # This version was retired after the caller picked it up (e.g. while its body was still
-            # arriving): answer on it directly rather than in the stopped queue.
-            start = time.perf_counter()
-            try:
-                results = await asyncio.wait_for(asyncio.to_thread(self.run, sequences, specs), timeout=timeout_s)
-            except asyncio.TimeoutError:
-                raise Expired(self.name) from None
-            job.timings.update(queue_s=0.0, model_s=time.perf_counter() - start, batch=len(sequences))
-            return list(results)
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise QueueFull(self.name) from None
+        self._queue.append(job)
         metrics.QUEUE_DEPTH.labels(self.name).inc()
+        self._arrived.set()
         self.start()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout=timeout_s)
         except asyncio.TimeoutError:
+            self._forget(job)
             raise Expired(self.name) from None
+        except asyncio.CancelledError:  # the caller went away: its job must not cost compute
+            self._forget(job)
+            raise
+
+    def _forget(self, job: Job) -> None:
+        """A job whose caller gave up leaves the queue (it no longer holds a place in it), and
+        the worker skips it if it holds it already."""
+        try:
+            self._queue.remove(job)
+        except ValueError:
+            pass  # the worker has it already
+        else:
+            metrics.QUEUE_DEPTH.labels(self.name).dec()
+        job.future.cancel()
+
+    def _take(self, run: RunBatch, jobs: list[Job], size: int) -> int:
+        """Move queued jobs of `run`'s version into `jobs` (in order) up to `max_batch` sequences;
+        other versions' jobs keep their places. Returns the new size."""
+        keep: deque[Job] = deque()
+        while self._queue:
+            job = self._queue.popleft()
+            if size < self.max_batch and job.run == run:
+                jobs.append(job)
+                size += len(job.sequences)
+            else:
+                keep.append(job)
+        self._queue = keep
+        return size
 
     async def _collect(self) -> list[Job]:
-        first = await self.queue.get()
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        first = self._queue.popleft()
         self._running = True  # holding jobs from here on: drain_and_stop must not cancel us
         jobs, size = [first], len(first.sequences)
         if not self.enabled:
             return jobs
         until = time.perf_counter() + self.max_wait_s
-        while size < self.max_batch:
+        while True:
+            size = self._take(first.run, jobs, size)
+            left = until - time.perf_counter()
+            if size >= self.max_batch or left <= 0:
+                return jobs
+            self._arrived.clear()
             try:
-                nxt = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                left = until - time.perf_counter()
-                if left <= 0:
-                    break
-                try:
-                    nxt = await asyncio.wait_for(self.queue.get(), timeout=left)
-                except asyncio.TimeoutError:
-                    break
-            jobs.append(nxt)
-            size += len(nxt.sequences)
-        return jobs
+                await asyncio.wait_for(self._arrived.wait(), timeout=left)
+            except asyncio.TimeoutError:
+                self._take(first.run, jobs, size)
+                return jobs
+
+    def _fail(self, jobs: list[Job], exc: BaseException) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -137,12 +195,15 @@ class Batcher:
             specs = None if live[0].specs is None else [s for job in live for s in job.specs]
             start = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self.executor, self.run, sequences, specs)
+                results = await loop.run_in_executor(self.executor, live[0].run, sequences, specs)
+            except Expired:  # the compute stopped at its rows' deadlines: expected, no traceback
+                log.info("batch stopped at its requests' deadlines (%d requests)", len(live),
+                         extra={"queue": self.name, "sequences": len(sequences)})
+                self._fail(live, Expired(self.name))
+                continue
             except Exception as exc:  # a bad batch fails its requests, never the worker
                 log.exception("batch failed", extra={"queue": self.name, "sequences": len(sequences)})
-                for job in live:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                self._fail(live, exc)
                 continue
             finally:
                 self._running = False  # the answers below are delivered without yielding
@@ -159,14 +220,15 @@ class Batcher:
                 offset += n
 
     def depth(self) -> int:
-        return self.queue.qsize()
+        return len(self._queue)
 
     async def drain_and_stop(self, timeout_s: float = 30.0) -> None:
-        """Let queued jobs finish (for a swapped-out version or shutdown), then stop."""
-        self._closed = True  # no new jobs enter the queue (see submit)
+        """Let queued jobs finish (at shutdown), then stop; jobs still queued after `timeout_s`
+        are refused (503) rather than left to time out."""
+        self._closed = True  # no new jobs (see submit)
         end = time.perf_counter() + timeout_s
         # The worker may hold jobs while it collects a batch, computes or answers it: wait for those.
-        while (not self.queue.empty() or self._running) and time.perf_counter() < end:
+        while (self._queue or self._running) and time.perf_counter() < end:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0)  # let the last batch's results be delivered
         if self._task is not None:
@@ -175,4 +237,28 @@ class Batcher:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        left, self._queue = list(self._queue), deque()
+        if left:
+            metrics.QUEUE_DEPTH.labels(self.name).dec(len(left))
+            self._fail(left, Stopped(self.name))
         self.executor.shutdown(wait=False)
+
+
+class Lane:
+    """One model version's way into its model's batcher (what `Serving.predict` / `.explain`
+    are): the same `submit` as a batcher, with this version's compute."""
+
+    def __init__(self, batcher: Batcher, run: RunBatch) -> None:
+        self.batcher = batcher
+        self.run = run
+
+    @property
+    def name(self) -> str:
+        return self.batcher.name
+
+    async def submit(self, sequences: list[Any], specs: list[Any] | None, timeout_s: float,
+                     timings: dict[str, float] | None = None) -> list[Any]:
+        return await self.batcher.submit(sequences, specs, timeout_s, timings, run=self.run)
+
+    def depth(self) -> int:
+        return self.batcher.depth()

@@ -85,6 +85,11 @@ MODEL_LOADED = Gauge(f"{PREFIX}_model_loaded", "1 for each model version loaded 
                      ["model", "version", "backend", "device"], multiprocess_mode="livemax", registry=REGISTRY)
 MODEL_LOAD_FAILURES = Counter(f"{PREFIX}_model_load_failures_total", "Model versions refused at load or reload, "
                               "by reason (exception type).", ["model", "reason"], registry=REGISTRY)
+MODEL_LOADS = Counter(f"{PREFIX}_model_loads_total", "Model versions loaded (read, verified, warmed up), by why: "
+                      "`startup`, `new_version` (a poll or reload found it), `pinned` (a request named a version "
+                      "not loaded).", ["model", "reason"], registry=REGISTRY)
+STORE_SCANS = Counter(f"{PREFIX}_model_store_scans_total", "Looks at the store for new versions (start-up, polls, "
+                      "POST /admin/reload).", registry=REGISTRY)
 LAST_RELOAD = Gauge(f"{PREFIX}_model_last_reload_timestamp_seconds", "Unix time of the last successful model "
                     "version (re)load.", multiprocess_mode="max", registry=REGISTRY)
 GPU_MEMORY = Gauge(f"{PREFIX}_gpu_memory_allocated_bytes", "CUDA memory allocated by torch tensors (0 on CPU).",

@@ -5,23 +5,32 @@ On CUDA, cuDNN refuses RNN backward in eval mode; the exported TorchScript has e
 p=0, so a second copy of it kept in train mode computes the same function and cuDNN allows its
 backward. Each copy stays in one mode for its whole life: no mode flips and no global cuDNN
 switch that could race other requests.
+
+Deadlines: an `ExplainSpec` carries its request's deadline (`time.perf_counter()` based, as the
+batcher's `Job.deadline`). `LoadedModel.explain` checks it between chunks of work, and the
+attribution methods between their own chunks (their `should_stop`); once every row of the call
+is past its deadline it raises `service.batching.Expired`, so nobody's thread computes an
+answer nobody waits for, and the queue behind it moves on.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from attribution import attribute, gradient_and_logits, tsr
+from attribution import Stopped, attribute, gradient_and_logits
+from attribution.core import check_stop
 from model_store import Manifest, ModelStore
+from service.batching import Expired
 
 log = logging.getLogger("icaserve.runtime")
 
@@ -42,6 +51,9 @@ class ExplainSpec:
     targets: list[int] | None  # None: the predicted class
     all_targets: bool = False
     attention: bool = False
+    # time.perf_counter() after which nobody waits for the answer (None: no deadline). Not part
+    # of group_key: requests with different deadlines still share a call.
+    deadline: float | None = None
 
     def n_targets(self, n_classes: int) -> int:
         """How many saliency matrices this sequence gets."""
@@ -111,6 +123,7 @@ class LoadedModel:
     def load(cls, store: ModelStore, name: str, version: int | str | None, device: torch.device,
              backend: str = "torch") -> "LoadedModel":
         manifest, ts_bytes = store.read_file(name, version, "torchscript")
+        ts_bytes = refold(ts_bytes, manifest)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             predict = torch.jit.load(io.BytesIO(ts_bytes), map_location=device).eval()
@@ -154,6 +167,15 @@ class LoadedModel:
     def forward_raw(self, module: torch.jit.ScriptModule):
         return lambda z: module(self._normalize(z))
 
+    @property
+    def attention_hops(self) -> int:
+        """r: the attention's hops (the T x T weights are computed per hop, then averaged)."""
+        return int(self.manifest.architecture.get("r", 1))
+
+    def attention_cost(self, length: int) -> int:
+        """Forward-equivalents of one sequence's T x T attention weights (see `attention_cost`)."""
+        return attention_cost(length, self.manifest.input.n_features)
+
     def rows_per_chunk(self, length: int) -> int:
         """Sequences (or scaled / noisy / occluded copies) per model call for this length."""
         arch = self.manifest.architecture
@@ -181,7 +203,24 @@ class LoadedModel:
 
     def explain(self, sequences: list[np.ndarray], specs: list[ExplainSpec]) -> list[Explanation]:
         """Explanations per sequence. Sequences with the same method, parameters and length are
-        merged into one attribution call, each keeping its own targets."""
+        merged into one attribution call, each keeping its own targets.
+
+        Raises `service.batching.Expired` once every row's deadline has passed (checked between
+        chunks here and inside the attribution methods)."""
+        deadlines = [s.deadline for s in specs]
+        last = None if not deadlines or None in deadlines else max(deadlines)  # type: ignore[type-var]
+
+        def should_stop() -> bool:
+            """True once nobody waits for any row of this call."""
+            return last is not None and time.perf_counter() > last
+
+        try:
+            return self._explain(sequences, specs, should_stop)
+        except Stopped:
+            raise Expired("explain: every request of this batch is past its deadline") from None
+
+    def _explain(self, sequences: list[np.ndarray], specs: list[ExplainSpec],
+                 should_stop: Callable[[], bool]) -> list[Explanation]:
         groups: dict[tuple, list[int]] = {}
         for i, (seq, spec) in enumerate(zip(sequences, specs)):
             groups.setdefault(spec.group_key(len(seq)), []).append(i)
@@ -189,6 +228,7 @@ class LoadedModel:
         forward = self.forward_raw(self.explain_module)
         n_classes = len(self.class_names)
         for idx in groups.values():
+            check_stop(should_stop)
             spec0 = specs[idx[0]]
             x = torch.from_numpy(np.stack([sequences[i] for i in idx])).to(self.device)
             rows = self.rows_per_chunk(x.shape[1])
@@ -206,17 +246,19 @@ class LoadedModel:
             params = {k: torch.as_tensor(v, device=self.device) if isinstance(v, np.ndarray) else v
                       for k, v in spec0.params.items()}
             params["internal_batch_size"] = rows  # for TSR, handed on to its base method
+            params["should_stop"] = should_stop  # every method checks it between its chunks
             if spec0.method == "gradient":  # the default request: one forward, not two
-                logits, targets, sal = gradient_and_logits(forward, x, choose, internal_batch_size=rows)
+                logits, targets, sal = gradient_and_logits(forward, x, choose, **params)
                 logits = logits.float()
             else:
+                parts = []
                 with torch.no_grad():
-                    logits = torch.cat([forward(c).float() for c in x.split(rows)])
+                    for c in x.split(rows):
+                        check_stop(should_stop)
+                        parts.append(forward(c).float())
+                logits = torch.cat(parts)
                 targets = choose(logits, 0)
-                if spec0.method == "tsr":
-                    base = params.pop("base_method", "gradient")
-                    sal = tsr(base, forward, x, targets, **params)
-                elif spec0.method == "smoothgrad":
+                if spec0.method == "smoothgrad":
                     # `noise` is in standardised units (the API's contract): perturb z = (x - mean) / std
                     # and map the gradients back to raw units (d/dx = d/dz / std).
                     sal = attribute("smoothgrad", self.explain_module, self._normalize(x), targets,
@@ -228,17 +270,74 @@ class LoadedModel:
             ]
             sal_np = sal.float().cpu().numpy()
             logits_np = logits.cpu().numpy()
-            attn = None
-            if any(specs[i].attention for i in idx) and self.has_attention:
-                with torch.no_grad():
-                    attn = self.explain_module.attention_weights(self._normalize(x)).float().cpu().numpy()
+            wanted = [j for j, i in enumerate(idx) if specs[i].attention] if self.has_attention else []
+            attn = self._attention(x[wanted], should_stop) if wanted else None
+            row_of = {j: p for p, j in enumerate(wanted)}  # row j of the group -> row of attn
             for j, i in enumerate(idx):
                 k = len(target_lists[j])
                 out[i] = Explanation(
                     logits=logits_np[j], targets=target_lists[j], saliency=sal_np[j, :k],
-                    attention=attn[j] if attn is not None and specs[i].attention else None,
+                    attention=attn[row_of[j]] if attn is not None and j in row_of else None,
                 )
         return out  # type: ignore[return-value]
+
+    def _attention(self, x: torch.Tensor, should_stop: Callable[[], bool]) -> np.ndarray:
+        """(B, T, T) attention weights of the rows in x, computed a few rows at a time: one row
+        holds r x T x T scores (20 x 1000 x 1000 floats = 80 MB for the shipped model at T = 1000),
+        so a whole batch at once would hold gigabytes."""
+        t = x.shape[1]
+        rows = max(1, CHUNK_ELEMENTS // (self.attention_hops * t * t))
+        parts = []
+        with torch.no_grad():
+            for c in x.split(rows):
+                check_stop(should_stop)
+                parts.append(self.explain_module.attention_weights(self._normalize(c)).float().cpu().numpy())
+        return np.concatenate(parts)
+
+
+def attention_cost(length: int, n_features: int) -> int:
+    """Forward-equivalents of one sequence's T x T attention weights: r x T x T scores and their
+    softmax, against a forward's r x T x N input-cell embedding, i.e. ceil(T / N) forwards."""
+    return max(1, math.ceil(length / n_features))
+
+
+def refold(ts_bytes: bytes, manifest: Manifest) -> bytes:
+    """TorchScript of the folded ICA form (training/ica.py `gate_inputs`) for a version exported
+    before that form existed: rebuilt from the manifest's architecture and the file's own weights
+    (the stored parameterisation is the same), and used only if it answers the same as the file
+    (logits and input-gradients on a fixed input). Anything else: the file's bytes unchanged."""
+    try:
+        from training.models import ModelConfig, build_model, can_fold
+
+        config = ModelConfig.from_dict({**manifest.architecture, "dropout": 0.0})
+        if not can_fold(config):
+            return ts_bytes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stored = torch.jit.load(io.BytesIO(ts_bytes), map_location="cpu").eval()
+            if "_folded_recurrence" in stored.code:
+                return ts_bytes  # exported in the folded form already
+            model = build_model(config).eval()
+            model.load_state_dict(stored.state_dict())
+            folded = torch.jit.script(model)
+            length = min(manifest.input.train_length or 16, manifest.input.max_length, 64)
+            x = torch.randn(2, length, config.n_features, generator=torch.Generator().manual_seed(0))
+            outs = []
+            for m in (stored, folded):
+                xg = x.clone().requires_grad_(True)
+                logits = m(xg)
+                (grad,) = torch.autograd.grad(logits[:, 0].sum(), xg)
+                outs.append((logits.detach(), grad))
+            for a, b in zip(outs[0], outs[1]):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            buf = io.BytesIO()
+            torch.jit.save(folded, buf)
+    except Exception as exc:  # unknown architecture fields, a parity miss: serve the file as it is
+        log.warning("serving %s v%s in its stored form (folded form not used: %s)", manifest.name,
+                    manifest.version, exc)
+        return ts_bytes
+    log.info("serving %s v%s in the folded ICA form", manifest.name, manifest.version)
+    return buf.getvalue()
 
 
 def _by_length(sequences: list[np.ndarray]) -> dict[int, list[int]]:

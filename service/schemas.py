@@ -42,7 +42,9 @@ GRADIENT_METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smo
 
 
 class ExplainParameters(BaseModel):
-    """Method parameters; each method reads only its own and rejects the others."""
+    """Method parameters; each method reads only its own and rejects the others (which ones a
+    method takes comes from its registration in `attribution.METHODS`; TSR takes its own and its
+    base method's)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,7 +54,7 @@ class ExplainParameters(BaseModel):
         "or a T x N matrix of raw values")
     samples: int | None = Field(None, ge=1, description="smoothgrad: noisy samples (default 20)")
     noise: float | None = Field(None, ge=0, description="smoothgrad: noise stdev in standardised units "
-                                "(default 0.15)")
+                                "(default 0.15, at most the server's max_smoothgrad_noise, 10 by default)")
     seed: int | None = Field(None, ge=0, description="smoothgrad: noise seed (default 0), for repeatable answers")
     window: tuple[int, int] | None = Field(None, description="occlusion: (time steps, features) window")
     stride: tuple[int, int] | None = Field(None, description="occlusion: stride (default: the window)")
@@ -61,16 +63,6 @@ class ExplainParameters(BaseModel):
     threshold_quantile: float | None = Field(None, ge=0, le=1, description="tsr: time steps above this "
                                              "quantile of time relevance get feature relevance (default 0.55)")
     feature_default: float | None = Field(None, ge=0, le=1, description="tsr: feature relevance of other steps")
-
-
-METHOD_PARAMETERS: dict[str, set[str]] = {
-    "gradient": set(),
-    "input_x_gradient": set(),
-    "integrated_gradients": {"steps", "baseline"},
-    "smoothgrad": {"samples", "noise", "seed"},
-    "occlusion": {"window", "stride", "baseline"},
-    "tsr": {"base_method", "threshold_quantile", "feature_default", "baseline", "steps", "samples", "noise", "seed"},
-}
 
 
 class ExplainRequest(BaseModel):

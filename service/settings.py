@@ -53,6 +53,33 @@ class Settings(BaseSettings):
     # forward-equivalents, e.g. 4 sequences x 100 steps x 50 IG steps = 20,000). Bounds memory too.
     max_explain_cost: int = Field(2_000_000, ge=1)
 
+    # Pricing and numerical range of /predict, /explain and V2 (service/api.py, service/v2.py)
+    # Largest /explain answer, estimated before any compute from sequences x targets x T x N (plus
+    # T x T with `attention`) x bytes per number (16 for JSON, a bound on a float32's text; 4 for
+    # npz); above it 422 too_expensive naming `inputs` (or `attention` when the weights tip it over).
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Input range, from the training statistics in the manifest: a value x of feature i with
+    # |x - mean_i| / std_i above this is refused (422 out_of_range naming the cell), before compute.
+    # Past ~1e30 the model's float32 arithmetic overflows (NaN answers); the default leaves a wide
+    # margin and refuses nothing a sensor could mean. Applies to inputs and to a given baseline.
+    max_input_sigma: float = Field(1e6, gt=0)
+    # SmoothGrad `noise` cap (standard deviation in standardised units; the default is 0.15).
+    max_smoothgrad_noise: float = Field(10.0, ge=0)
+
+    # HTTP transport (service/server.py, the RequestContext middleware in service/app.py):
+    # limits on slow or oversized clients, per worker process; env vars reach every worker.
+    max_header_bytes: int = Field(32 * 1024, ge=1024)  # request line + headers; beyond: 431, not buffered
+    # A request line + headers must arrive within this many seconds of their first byte (or of
+    # the connection); beyond: 408 and the connection is closed.
+    header_timeout_s: float = Field(10.0, gt=0)
+    # Total time a request may keep the server waiting for its body; beyond: 408 and the connection
+    # is closed. 30 s lets the largest body (16 MiB) arrive at ~4.5 Mbit/s.
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(512, ge=1)  # open connections per worker; beyond: 503 + Retry-After
+    # JSON bodies parsed at once per worker, in threads. orjson holds the GIL while it parses, so
+    # more would not parse faster, only hold more parsed bodies in memory at once.
+    json_parse_concurrency: int = Field(1, ge=1)
+
     # Security
     api_key: SecretStr | None = None  # bearer key for inference and model listing; None: open
     admin_key: SecretStr | None = None  # bearer key for /admin/*; None: admin API disabled

@@ -2,8 +2,12 @@
 clients written for KServe or Triton work unchanged. Errors are `{"error": "..."}` (plus our
 usual `code`, `field` and `request_id`, which such clients ignore).
 
-Input: one FP32 tensor of shape [B, T, N] (`data` flat in row-major order, or nested).
-Output: `probabilities` [B, C] (FP32) and `logits` [B, C].
+Input: one tensor of shape [B, T, N] (`data` flat in row-major order, or nested), FP32 in the
+metadata; FP64 and FP16 (numbers, rounded to the declared precision) and INT32 / INT64 (integers
+only, in the type's range) are accepted too, and the declared datatype is honoured: a value it
+cannot hold is a 422 naming the input. Output: `probabilities` [B, C] (FP32) and `logits` [B, C];
+an unknown requested output is refused before any compute, and a non-finite output is never
+returned (422 out_of_range).
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api import ERRORS, body_schema, json_response, submit
+from service.api import ERRORS, body_schema, json_response, refuse_non_finite, submit
 from service.errors import InvalidInput, NotReady
-from service.inputs import parse_json, sequences, validate
+from service.inputs import read_json, sequences, validate
 from service.security import require_api_key
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
@@ -125,30 +129,72 @@ INFER_DOC = dict(
 )
 
 
+OUTPUTS = ("probabilities", "logits")
+INT_RANGES = {"INT32": (-(2 ** 31), 2 ** 31 - 1), "INT64": (-(2 ** 63), 2 ** 63 - 1)}
+
+
+def _values(tensor: V2Tensor, field: str = "inputs[0].data") -> np.ndarray:
+    """The tensor's values, flat, as float64, checked against its declared datatype: FP32 / FP64
+    / FP16 take numbers (FP16 rounded to half precision, refused beyond its range), INT32 /
+    INT64 integers only, within the type's range. FP32's range is checked with the inputs."""
+    dt = tensor.datatype
+    try:
+        # As objects first: a float dtype would silently turn "1.5" and true into numbers.
+        values = np.asarray(tensor.data, dtype=object).reshape(-1)
+        kinds = set(map(type, values))
+        if not kinds <= {int, float}:
+            raise TypeError("not a number")
+        if dt in INT_RANGES and float in kinds:
+            i = next(i for i, v in enumerate(values) if type(v) is float)
+            raise InvalidInput(f"{field}: input {tensor.name!r} is declared {dt}, which holds integers only; value "
+                               f"{values[i]!r} at flat index {i} is not one", field=field)
+        if dt in INT_RANGES and values.size:
+            lo, hi = INT_RANGES[dt]
+            if min(values) < lo or max(values) > hi:
+                i = next(i for i, v in enumerate(values) if not lo <= v <= hi)
+                raise InvalidInput(f"{field}: input {tensor.name!r} is declared {dt}; value {values[i]!r} at flat "
+                                   f"index {i} is outside [{lo}, {hi}]", field=field)
+        flat = values.astype(np.float64)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"{field}: must hold numbers only", field=field) from None
+    if dt == "FP16":
+        with np.errstate(over="ignore"):
+            half = flat.astype(np.float16)
+        bad = ~np.isfinite(half)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidInput(f"{field}: input {tensor.name!r} is declared FP16; value {flat[i]!r} at flat index {i} "
+                               "is outside its range (+-65504)", field=field)
+        flat = half.astype(np.float64)
+    return flat
+
+
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     serving = await _get(request, name, version)
     settings = request.app.state.settings
-    data = parse_json(await request.body(), request.headers.get("content-type"))
+    # Triton and KServe clients often send no Content-Type: accepted here (not on the JSON API)
+    data = await read_json(request, serving.model.manifest, media_type_required=False)
     req, raw = validate(V2InferRequest, data, tensors=())
+    wanted = [o.name for o in req.outputs] if req.outputs else ["probabilities"]
+    for i, w in enumerate(wanted):  # before any compute
+        if w not in OUTPUTS:
+            raise InvalidInput(f"outputs[{i}].name: unknown output {w!r} (this model has {sorted(OUTPUTS)})",
+                               field=f"outputs[{i}].name")
     tensor = req.inputs[0]
     n = serving.model.manifest.input.n_features
     if len(tensor.shape) != 3 or tensor.shape[2] != n or min(tensor.shape) < 1:
         raise InvalidInput(f"inputs[0].shape: expected [B, T, {n}], got {tensor.shape}", field="inputs[0].shape")
-    try:
-        # As objects first: a float dtype would silently turn "1.5" and true into numbers.
-        values = np.asarray(tensor.data, dtype=object).reshape(-1)
-        if not set(map(type, values)) <= {int, float}:
-            raise TypeError("not a number")
-        flat = values.astype(np.float64)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidInput("inputs[0].data: must hold numbers only", field="inputs[0].data") from None
+    flat = _values(tensor)
     b, t, _ = tensor.shape
     if flat.size != b * t * n:
         raise InvalidInput(f"inputs[0].data: {flat.size} values for shape {tensor.shape} ({b * t * n} expected)",
                            field="inputs[0].data")
     arr = flat.reshape(b, t, n).tolist()
-    seqs = sequences(arr, serving.model.manifest, settings.max_sequences, field="inputs[0].data")
+    seqs = sequences(arr, serving.model.manifest, settings.max_sequences, field="inputs[0].data",
+                     max_sigma=settings.max_input_sigma)
     logits = np.stack(await submit(request, serving.predict, seqs, None)).astype(np.float64)
+    for i, z in enumerate(logits):
+        refuse_non_finite(z, f"inputs[0].data[{i}]", "the model's output")
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     c = probs.shape[1]
@@ -158,10 +204,6 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         "logits": {"name": "logits", "datatype": "FP32", "shape": [b, c],
                    "data": logits.astype(np.float32).reshape(-1)},
     }
-    wanted = [o.name for o in req.outputs] if req.outputs else ["probabilities"]
-    for w in wanted:
-        if w not in outputs:
-            raise InvalidInput(f"outputs: unknown output {w!r} (this model has {sorted(outputs)})", field="outputs")
     body: dict[str, Any] = {"model_name": serving.model.name, "model_version": str(serving.model.version),
                             "outputs": [outputs[w] for w in wanted]}
     if req.id is not None:

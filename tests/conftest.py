@@ -10,7 +10,7 @@
   the non-trivial normalisation NORMALIZATION. Treat it as read-only; tests that change a store
   take a copy first (`copy_store`).
 - `server_factory` (session): `server_factory(store, {"MAX_WAIT_MS": 50, ...})` starts
-  `python -m uvicorn --factory service.app:create_app` on a free loopback port with those
+  `python -m icaserve.cli serve` on a free loopback port with those
   ICASERVE_* settings (the prefix may be left out), waits until GET /readyz answers 200 and
   returns a `Server` (`.url`, `.client()`, `.stop()`, `.log()`). Whatever is still running at the
   end of the session is stopped (SIGTERM, then SIGKILL). Call `.stop()` yourself (e.g. from a
@@ -170,9 +170,10 @@ def start_server(store: Path, settings: dict[str, Any] | None, log_dir: Path,
         url = f"http://127.0.0.1:{port}"
         log_path = log_dir / f"server-{port}.log"
         with open(log_path, "wb") as log:
+            # `icaserve serve` itself, so test servers get its uvicorn options (service.server:
+            # protocol, connection and header limits); the log level comes from ICASERVE_LOG_LEVEL.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
-                 "--port", str(port), "--log-level", "warning", "--timeout-graceful-shutdown", "5"],
+                [sys.executable, "-m", "icaserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         server = Server(proc, url, log_path, icaserve, store)
@@ -208,3 +209,25 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
     yield factory
     for server in started:
         server.stop()
+
+
+# -- helpers shared by the test modules ------------------------------------------------------------
+
+def metric(text: str, sample: str, **labels: str) -> float:
+    """Sum of the Prometheus samples named `sample` whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, server: Any = None) -> None:
+    """Poll `condition` every 0.1 s until it holds; fail after a generous `timeout_s`, with the
+    server's log when one is given. Synchronisation by condition, never by sleeping a guess."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.1)
+    log = f"\nserver log:\n{server.log()}" if server is not None else ""
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{log}")

@@ -23,7 +23,7 @@ from captum.attr import (
 )
 
 import attribution
-from attribution import METHODS, attribute, estimate_cost, tsr, tsr_cost
+from attribution import BASE_METHODS, METHODS, attribute, estimate_cost, tsr, tsr_cost
 from attribution.core import _UNBATCHABLE, BACKWARD_COST, input_gradients
 from attribution.smoothgrad import noise_draws
 from training.models import ModelConfig, build_model, inference_copy
@@ -147,7 +147,7 @@ TOL = {
 
 @pytest.mark.parametrize("mode", list(TARGET_MODES))
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(BASE_METHODS))
 def test_matches_captum(models, x, method, case, mode, monkeypatch):
     ours_fwd, ref_fwd = _forwards(models, *case)
     targets = TARGET_MODES[mode]
@@ -377,6 +377,53 @@ def test_smoothgrad_is_seeded_and_leaves_global_rng_alone(models, x):
     torch.testing.assert_close(zero, attribute("gradient", scripted, x, targets))
 
 
+def _cubic_forward(seen: list[torch.Tensor]):
+    """logits (rows, 2) = (sum z^3 / 3, sum z): gradients z^2 and 1. Records every input it is
+    fed, so a test can look at the noisy copies SmoothGrad makes without trusting noise_draws."""
+
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        seen.append(z.detach().clone())
+        return torch.stack([(z**3).sum(dim=(1, 2)) / 3, z.sum(dim=(1, 2))], dim=1)
+
+    return forward
+
+
+@pytest.mark.parametrize("noise", [0.15, 0.6, None])  # None: the documented default, 0.15
+def test_smoothgrad_noise_has_the_requested_standard_deviation(noise):
+    """The noise scale checked independently of `noise_draws` (which the captum comparison feeds
+    to both sides, so a wrong scale there passes it): the perturbations the method adds have
+    empirical std `noise`, and the SmoothGrad of a cubic has its closed form
+    E[(x + eps)^2] = x^2 + sigma^2, so doubling sigma would show up fourfold."""
+    sigma = 0.15 if noise is None else noise
+    kwargs = {} if noise is None else {"noise": noise}
+    samples, b, t, n = 60, 2, 10, 8  # 4800 draws per sample: the std is known to ~1%
+    x = torch.randn(b, t, n, generator=torch.Generator().manual_seed(3), dtype=DT)
+    seen: list[torch.Tensor] = []
+    targets = torch.zeros(b, 1, dtype=torch.long)
+    sal = attribute("smoothgrad", _cubic_forward(seen), x, targets, samples=samples, seed=4,
+                    internal_batch_size=7, **kwargs)
+    # rows are (draw s, sample j) stacked with j fastest, in chunks of 7
+    rows = torch.cat(seen)
+    assert rows.shape == (samples * b, t, n)
+    eps = rows - x.repeat(samples, 1, 1)
+    per_sample = eps.view(samples, b, t, n)
+    torch.testing.assert_close(per_sample[:, 0], per_sample[:, 1])  # same draws for every sample
+    draws = per_sample[:, 0]
+    assert abs(draws.std().item() / sigma - 1) < 0.05, draws.std().item()
+    assert abs(draws.mean().item()) < 0.05 * sigma
+    # draws independent across time steps and features, not one value broadcast
+    assert draws.std(dim=0).min().item() > 0.5 * sigma and draws.std(dim=(1, 2)).min().item() > 0.5 * sigma
+
+    # closed form: the saliency is mean_s (x + eps_s)^2; minus x^2 it averages to sigma^2
+    torch.testing.assert_close(sal[:, 0], ((x.unsqueeze(0) + draws.unsqueeze(1)) ** 2).mean(dim=0))
+    excess = (sal[:, 0] - x**2).mean().item()
+    assert abs(excess / sigma**2 - 1) < 0.1, (excess, sigma**2)
+    # the linear logit's gradient is exactly 1 whatever the noise
+    ones = attribute("smoothgrad", _cubic_forward([]), x, torch.ones(b, 1, dtype=torch.long),
+                     samples=5, **kwargs)
+    torch.testing.assert_close(ones, torch.ones_like(ones))
+
+
 def test_costs_count_the_work(models, x):
     scripted = models["lstm"][1]
     rows = []
@@ -461,9 +508,10 @@ def test_bad_parameters_raise_value_error_naming_them(models, x):
 
 
 def test_public_api():
-    assert set(METHODS) == {
+    assert set(BASE_METHODS) == {
         "gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "occlusion"
     }
+    assert set(METHODS) == set(BASE_METHODS) | {"tsr"}  # TSR is registered like the others
     assert callable(attribution.tsr) and attribution.Forward is not None
 
 

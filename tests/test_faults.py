@@ -6,11 +6,12 @@
   and a log line (plain text, captured from the server's stderr) says which version and why;
 - the store folder moved away, replaced by a file, restored and finally deleted while serving:
   loaded models keep serving, /readyz stays ready and its `store_readable` follows the store;
-- explanations too expensive for the limits: refused up front with 422 `too_expensive` in well
-  under a second or two (no model time is spent: the compute histogram does not move), and the
-  server answers normally afterwards;
+- explanations too expensive for the limits: refused up front with 422 `too_expensive` (no model
+  time is spent: the compute histogram does not move; pricing works out each quadrature rule
+  once, however many sequences), and the server answers normally afterwards;
 - SIGTERM under load (`icaserve serve`, the production entry point): requests already accepted
-  finish with 200, new connections are refused meanwhile, the process exits 0 promptly.
+  finish with 200, new connections are refused meanwhile, the process exits 0 once drained (long
+  before its drain would be cut short).
 
 We run as root, where chmod 000 does not stop reads: an unreadable store is simulated by moving it
 away or putting a file in its place.
@@ -34,10 +35,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 import attribution
-from conftest import MAX_LENGTH, N_FEATURES, READY_TIMEOUT_S, REPO, free_port
+from conftest import MAX_LENGTH, N_FEATURES, READY_TIMEOUT_S, REPO, free_port, metric, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -48,9 +48,6 @@ def seq(t: int, seed: int = 0) -> list[list[float]]:
     return np.random.default_rng(seed).normal(size=(t, N_FEATURES)).round(4).tolist()
 
 
-def metric(text: str, sample: str, **labels: str) -> float:
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -62,14 +59,6 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dic
     return body
 
 
-def wait_for(condition, timeout_s: float, what: str, server=None) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.1)
-    log = f"\nserver log:\n{server.log()}" if server is not None else ""
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{log}")
 
 
 class Traffic:
@@ -205,11 +194,24 @@ def publish_broken(store: Path, name: str, source: int, kind: str) -> int:
     return new
 
 
+def publish_copy(store: Path, name: str) -> int:
+    """The serving (latest) version of `name`, copied whole as the next version (one rename)."""
+    model_dir = store / name
+    latest = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+    tmp = model_dir / f".incoming-{latest + 1}"
+    shutil.copytree(model_dir / str(latest), tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest["version"] = latest + 1
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    tmp.rename(model_dir / str(latest + 1))
+    return latest + 1
+
+
 def test_broken_versions_are_refused_while_the_current_one_serves(fault_server):
     server, store = fault_server, fault_server.store
     with server.client() as c:
         serving = c.get("/models/lstm").json()["serving_version"]
-        ica_serving = c.get("/models/ica").json()["serving_version"]
+        ica_versions = {c.get("/models/ica").json()["serving_version"]}
     log_before = len(server.log_path.read_text(errors="replace"))
     traffic = Traffic(server.url, [("/models/lstm/predict", {"inputs": [seq(12, 1)]}),
                                    ("/models/lstm/predict", {"inputs": [seq(7, 2), seq(12, 3)]}),
@@ -236,13 +238,19 @@ def test_broken_versions_are_refused_while_the_current_one_serves(fault_server):
             assert "ERROR" in line and "refused model version" in line and words in line, (kind, line)
         traffic.more(6)
         assert c.get("/readyz").status_code == 200
-        time.sleep(3 * POLL_S)  # more polls: still no retry of a refused version
+        # more polls, each seen to happen (a good new version of the other model is picked up by
+        # each): still no retry of a refused version
+        for _ in range(2):
+            ica_copy = publish_copy(store, "ica")
+            ica_versions.add(ica_copy)
+            wait_for(lambda: c.get("/models/ica").json()["serving_version"] == ica_copy, 30,
+                     f"ica v{ica_copy} to be picked up by a poll", server)
         assert failures(c, model="lstm") == len(BROKEN)
         # asking for a refused version by number: unavailable, in the common format
         for version in refused.values():
             assert_error(c.post(f"/models/lstm/versions/{version}/predict", json={"inputs": [seq(4)]}), 503,
                          "not_ready")
-    traffic.check({"/models/lstm/predict": {serving}, "/models/ica/explain": {ica_serving}})
+    traffic.check({"/models/lstm/predict": {serving}, "/models/ica/explain": ica_versions})
     print(f"\nrefused while serving: {refused}; {traffic.count()} requests during, all 200")
 
 
@@ -350,9 +358,8 @@ def test_too_expensive_explanations_are_refused_up_front(fault_server):
             times[name] = time.perf_counter() - t0
             err = assert_error(r, 422, "too_expensive")
             assert err["field"] == "inputs" and f"{cost:,}" in err["error"], (name, err)
-            # pricing is cheap: before the Gauss-Legendre rule was cached, working out the cost of
-            # 64 sequences at 256 IG steps took 4-30 s of event-loop time on a busy 2-core machine
-            assert times[name] < 2.0, f"{name} took {times[name]:.2f} s to refuse"
+            # that pricing stays cheap is checked by structure, not by a stopwatch:
+            # test_pricing_computes_each_quadrature_rule_once
         # over the per-parameter caps: refused before the cost is even counted
         for params, field in (({"steps": 257}, "parameters.steps"),):
             r = c.post("/explain", json={"inputs": [seq(4)], "method": "integrated_gradients", "parameters": params})
@@ -370,6 +377,29 @@ def test_too_expensive_explanations_are_refused_up_front(fault_server):
         assert c.post("/predict", json={"inputs": [long_seq]}).status_code == 200
     print("\nrefused in " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in times.items())
           + f"; a TSR within the limits then took {(time.perf_counter() - t0) * 1000:.0f} ms")
+
+
+def test_pricing_computes_each_quadrature_rule_once(monkeypatch):
+    """Why refusing is cheap, checked without a stopwatch: the Gauss-Legendre rule (an eigenvalue
+    problem, ~0.1 s at 256 steps; redone per sequence it made pricing 64 sequences take 4-30 s of
+    event-loop time on a busy 2-core machine) is worked out at most once per step count, however
+    many sequences of however many lengths are priced, directly or under TSR."""
+    calls: list[int] = []
+    real = np.polynomial.legendre.leggauss
+
+    def counting(n):
+        calls.append(int(n))
+        return real(n)
+
+    monkeypatch.setattr(np.polynomial.legendre, "leggauss", counting)
+    steps_used = (241, 243)  # counts no other test asks for, so nothing is cached beforehand
+    for steps in steps_used:
+        for length in range(MAX_LENGTH, 0, -1):  # one price per sequence, as the server works it out
+            for _ in range(2):
+                attribution.estimate_cost("integrated_gradients", 1, length, N_FEATURES, 3, steps=steps)
+                attribution.tsr_cost("integrated_gradients", 1, length, N_FEATURES, 3, steps=steps)
+    assert all(calls.count(steps) <= 1 for steps in steps_used), calls[:10]
+    assert set(calls) <= set(steps_used)
 
 
 # -- SIGTERM under load, on `icaserve serve` ---------------------------------------------------------------
@@ -399,6 +429,13 @@ def read_response(sock: socket.socket) -> tuple[int, dict]:
     return status, (json.loads(payload) if payload else {})
 
 
+# Generous bounds, not timings: on a busy 2-core machine both happen within seconds, and neither can
+# be reached by the forced end of the drain (DRAIN_TIMEOUT_S + 5 s after the signal).
+DRAIN_TIMEOUT_S = 300
+REFUSE_BOUND_S = 60
+EXIT_BOUND_S = 120
+
+
 def test_sigterm_under_load_drains_accepted_requests_and_exits_0(model_store, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -407,6 +444,9 @@ def test_sigterm_under_load_drains_accepted_requests_and_exits_0(model_store, tm
                 "ICASERVE_POLL_INTERVAL_S": "0", "ICASERVE_LOG_LEVEL": "warning",
                 # a long batching window keeps accepted requests in flight while the signal arrives
                 "ICASERVE_MAX_WAIT_MS": "1000", "ICASERVE_MAX_BATCH_SIZE": "64",
+                # `serve` gives the drain request_timeout_s + 5 s: far longer than EXIT_BOUND_S, so an
+                # exit within that bound means the server left once drained, not when forced to
+                "ICASERVE_REQUEST_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
                 "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
@@ -442,7 +482,7 @@ def test_sigterm_under_load_drains_accepted_requests_and_exits_0(model_store, tm
             return done + metric(httpx.get(f"{url}/metrics", timeout=10).text,
                                  "icaserve_requests_in_flight") >= len(socks) + len(threads)
 
-        wait_for(all_accepted, 20, "accepted requests in flight")
+        wait_for(all_accepted, 60, "accepted requests in flight")
         in_flight = metric(httpx.get(f"{url}/metrics", timeout=10).text, "icaserve_requests_in_flight")
         sigterm_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -455,7 +495,7 @@ def test_sigterm_under_load_drains_accepted_requests_and_exits_0(model_store, tm
             except OSError:
                 return True
 
-        wait_for(refused, 10, "new connections to be refused")
+        wait_for(refused, REFUSE_BOUND_S, "new connections to be refused")
         refused_after = time.monotonic() - sigterm_at
         assert proc.poll() is None, "exited before the accepted requests were answered"
         for s, body in zip(socks, bodies):
@@ -463,7 +503,10 @@ def test_sigterm_under_load_drains_accepted_requests_and_exits_0(model_store, tm
         answers = [read_response(s) for s in socks]
         for t in threads:
             t.join(timeout=60)
-        rc = proc.wait(timeout=20)
+        try:
+            rc: int | None = proc.wait(timeout=EXIT_BOUND_S)
+        except subprocess.TimeoutExpired:
+            rc = None
         exit_after = time.monotonic() - sigterm_at
     finally:
         for s in socks:
@@ -476,8 +519,8 @@ def test_sigterm_under_load_drains_accepted_requests_and_exits_0(model_store, tm
     for status, body in answers:
         assert "predictions" in body or "explanations" in body, body
     assert results == [200] * len(threads), (results, log[-3000:])
+    assert rc is not None, f"still running {EXIT_BOUND_S} s after SIGTERM with nothing left to answer"
     assert rc == 0, f"exit status {rc}; log:\n{log[-3000:]}"
-    assert exit_after < 15, f"took {exit_after:.1f} s to exit"
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
     print(f"\n{int(in_flight)} requests in flight at SIGTERM; new connections refused after {refused_after:.2f} s; "
           f"all {len(answers) + len(results)} accepted requests answered 200; exit 0 after {exit_after:.2f} s")

@@ -21,7 +21,7 @@ for _p in (str(_HERE.parent), str(_HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from ica_reference import reference_attention, reference_forward  # noqa: E402
+from ica_reference import ica_step_input, reference_attention, reference_forward  # noqa: E402
 
 from training.models import ModelConfig, build_model, inference_copy  # noqa: E402
 
@@ -235,3 +235,85 @@ def test_dropout_is_off_in_eval_and_in_inference_copy(layers):
         assert clean.training
         torch.testing.assert_close(clean(x), first, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(clean(x), clean(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the folded form: prefix sums over the gate width G instead of the input width N
+
+FOLD_GRID = list(itertools.product(("lstm", "gru", "rnn"), ("matrix", "mean")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell,variant", FOLD_GRID)
+def test_folded_equals_direct_equals_step_by_step(cell, variant, dtype):
+    """Outputs and input-gradients of the folded form, the direct form and the literal
+    definition agree (T = 1 included), and the folded model has the same state dict."""
+    seed = FOLD_GRID.index((cell, variant)) + (100 if dtype == torch.float32 else 0)
+    model = _model(dtype, seed=seed, n_features=23, n_classes=3, cell=cell, ica_variant=variant,
+                   hidden=2, r=4, d_a=6)
+    assert model.folded  # G = 8, 6 or 2 < N = 23: on by default
+    direct = _model(dtype, seed=seed, n_features=23, n_classes=3, cell=cell, ica_variant=variant,
+                    hidden=2, r=4, d_a=6).set_folded(False)
+    assert list(direct.state_dict()) == list(model.state_dict())
+    direct.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 3, generator=g).to(dtype)
+    for steps in (1, 9):
+        x = (torch.randn(3, steps, 23, generator=g) * 2).to(dtype)
+        _check_against_reference(model, x)
+        out, grad = _logits_and_grad(model, x, w)
+        d_out, d_grad = _logits_and_grad(direct, x, w)
+        tol = TOL[dtype]
+        torch.testing.assert_close(out, d_out, rtol=tol, atol=tol)
+        torch.testing.assert_close(grad, d_grad, rtol=tol, atol=tol)
+
+
+def test_folded_only_where_it_applies():
+    assert not _model(n_features=4, hidden=5).folded  # G = 20 >= N
+    assert not _model(n_features=100, hidden=5, bidirectional=True).folded
+    assert not _model(n_features=100, hidden=5, layers=2).folded
+    assert not _model(n_features=100, hidden=5, attention="none").folded
+    with pytest.raises(ValueError, match="folded form does not apply"):
+        _model(n_features=4, hidden=5).set_folded(True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_folded_scripted_and_old_state_dicts(cell):
+    """TorchScript keeps the folded form; a state dict saved from the direct form (as every
+    model exported before the folded form existed) loads into it and answers the same."""
+    direct = _model(torch.float32, seed=21, n_features=30, cell=cell, hidden=3, r=5, d_a=7).set_folded(False)
+    folded = _model(torch.float32, seed=99, n_features=30, cell=cell, hidden=3, r=5, d_a=7)
+    folded.load_state_dict(direct.state_dict())
+    scripted = torch.jit.script(folded)
+    assert "_folded_recurrence" in scripted.code  # the folded branch is what was compiled
+    x = torch.randn(2, 13, 30, generator=torch.Generator().manual_seed(21))
+    w = torch.randn(2, 2)
+    out, grad = _logits_and_grad(direct, x, w)
+    for m in (folded, scripted):
+        m_out, m_grad = _logits_and_grad(m, x, w)
+        torch.testing.assert_close(m_out, out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m_grad, grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["matrix", "mean"])
+def test_folded_long_sequence_large_weights_stay_finite(variant):
+    """T = 5000, |x| ~ 1e3, W2 x100 (score spread ~450 nats): the folded prefix sums take the
+    float64 path too; gate inputs equal W_ih times the float64 step-by-step cell input."""
+    model = _model(torch.float32, seed=3, n_features=8, ica_variant=variant, hidden=1)  # G = 4 < 8
+    assert model.folded
+    with torch.no_grad():
+        model.encoder.w2.weight.mul_(100.0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5000, 8, generator=g) * 1e3
+    x[:, ::7] *= -1.0
+    out, grad = _logits_and_grad(model, x, torch.ones(2, 2))
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    with torch.no_grad():
+        u = model.encoder.gate_inputs(x[:1], model.rnn.weight_ih_l0)  # (1, T, G)
+        assert torch.isfinite(u).all()
+        enc64 = _model(torch.float64, seed=3, n_features=8, ica_variant=variant, hidden=1).encoder
+        enc64.load_state_dict(model.encoder.state_dict())
+        w_ih = model.rnn.weight_ih_l0.double()
+        for t in (1, 2, 777, 5000):
+            cell_in = ica_step_input(enc64, x[:1].double(), t)[0]
+            torch.testing.assert_close(u[0, t - 1].double(), w_ih @ cell_in, rtol=1e-4, atol=1e-3)

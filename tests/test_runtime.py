@@ -55,3 +55,41 @@ def test_chunked_equals_unchunked(model: LoadedModel, monkeypatch: pytest.Monkey
         assert a.targets == b.targets
         np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.saliency, b.saliency, rtol=1e-4, atol=1e-6)
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "model_store"
+
+
+def test_versions_exported_before_the_folded_form_are_served_folded_and_answer_the_same() -> None:
+    """The shipped model's TorchScript computes ICA the direct way; the service rebuilds the
+    folded form from its manifest and weights, and it answers as the stored file does."""
+    store = ModelStore(SHIPPED)
+    manifest, ts_bytes = store.read_file("middle-box-ica-lstm", 1, "torchscript")
+    stored = torch.jit.load(__import__("io").BytesIO(ts_bytes)).eval()
+    assert "_folded_recurrence" not in stored.code  # exported before the folded form existed
+    loaded = LoadedModel.load(store, "middle-box-ica-lstm", 1, torch.device("cpu"))
+    assert "_folded_recurrence" in loaded.predict_module.code
+    assert "_folded_recurrence" in loaded.explain_module.code
+    seqs = _inputs(3, 100, 100)
+    x = torch.from_numpy(np.stack(seqs))
+    z = (x - loaded.mean) / loaded.std
+    xg = x.clone().requires_grad_(True)
+    ref_logits = stored((xg - loaded.mean) / loaded.std)
+    targets = ref_logits.argmax(1)
+    (ref_grad,) = torch.autograd.grad(ref_logits.gather(1, targets[:, None]).sum(), xg)
+    for got, want in zip(loaded.predict(seqs), stored(z).detach().numpy()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got = loaded.explain(seqs, [ExplainSpec("gradient", {}, None) for _ in seqs])
+    for i, e in enumerate(got):
+        assert e.targets == [int(targets[i])]
+        np.testing.assert_allclose(e.saliency[0], ref_grad[i].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_refold_keeps_the_file_when_the_rebuilt_form_would_differ() -> None:
+    store = ModelStore(SHIPPED)
+    manifest, ts_bytes = store.read_file("middle-box-ica-lstm", 1, "torchscript")
+    assert runtime.refold(ts_bytes, manifest) != ts_bytes
+    wrong = manifest.model_copy(update={"architecture": {**manifest.architecture, "cell": "gru"}})
+    assert runtime.refold(ts_bytes, wrong) == ts_bytes  # weights do not fit: served as stored
+    plain = manifest.model_copy(update={"architecture": {**manifest.architecture, "attention": "none"}})
+    assert runtime.refold(ts_bytes, plain) == ts_bytes

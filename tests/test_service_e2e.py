@@ -9,6 +9,9 @@ Four servers, each alive only while its test class runs:
 - TestDeadline: a request timeout shorter than the batching window: 504.
 - TestKeysAndHotSwap: API and admin keys, polling for new versions every 0.5 s: 401/403,
   /admin/reload, a new version swapped in under traffic, a corrupted version refused.
+
+No test depends on the order the tests of its class run in: each checks against the state it finds
+(serving versions, counters before and after), and the "no 500" check runs after every test.
 """
 
 from __future__ import annotations
@@ -28,10 +31,9 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, Occlusion, Saliency
-from prometheus_client.parser import text_string_to_metric_families
 
 from attribution.smoothgrad import noise_draws
-from conftest import CLASS_NAMES, LSTM_ARCH, MAX_LENGTH, N_FEATURES, NORMALIZATION, publish
+from conftest import CLASS_NAMES, LSTM_ARCH, MAX_LENGTH, NORMALIZATION, N_FEATURES, metric, publish
 from model_store import ModelStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -97,14 +99,6 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None, field:
     return body
 
 
-def metric(text: str, sample: str, **labels: str) -> float:
-    """Sum of the samples named `sample` whose labels include `labels`."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 class Reference:
@@ -198,6 +192,15 @@ METHOD_CASES = [
 
 
 class TestAPI:
+    @pytest.fixture(autouse=True)
+    def _no_internal_errors(self, api):
+        """After every test of this class, whatever order they run in: no request so far has
+        produced a 500 (the server counts them; a bad input must be a 4xx)."""
+        yield
+        text = api.get("/metrics").text
+        assert metric(text, "icaserve_errors_total", kind="internal") == 0
+        assert metric(text, "icaserve_requests_total", status="500") == 0
+
     # -- health, listing --------------------------------------------------------------------------
     def test_health(self, api):
         r = api.get("/healthz")
@@ -640,13 +643,11 @@ class TestAPI:
         assert_error(api.post("/admin/reload"), 403, "forbidden")
         assert_error(api.post("/admin/reload", headers={"Authorization": "Bearer anything"}), 403, "forbidden")
 
-    def test_metrics_and_no_internal_errors(self, api):
-        """Runs last in this class: nothing above may have produced a 500."""
+    def test_metrics(self, api):
+        assert api.post("/predict", json={"inputs": as_json(seq(4))}).status_code == 200
         r = api.get("/metrics")
         assert r.status_code == 200
         text = r.text
-        assert metric(text, "icaserve_errors_total", kind="internal") == 0
-        assert metric(text, "icaserve_requests_total", status="500") == 0
         assert metric(text, "icaserve_requests_total", status="200") > 0
         assert metric(text, "icaserve_model_loaded", model="ica", version="2") == 1
 
@@ -713,6 +714,8 @@ class TestBatchingAndOverload:
         # each request fills a whole batch (8 sequences) with slow integrated gradients
         body = {"inputs": as_json(*[seq(MAX_LENGTH, seed=200 + i) for i in range(8)]),
                 "method": "integrated_gradients", "parameters": {"steps": 64}}
+        with batching_server.client() as c:
+            overloaded_before = metric(c.get("/metrics").text, "icaserve_errors_total", kind="overloaded")
         responses = concurrently(batching_server.url, [("/explain", body)] * 10)
         statuses = [r.status_code for r in responses]
         assert set(statuses) <= {200, 503}, statuses
@@ -725,7 +728,8 @@ class TestBatchingAndOverload:
                 assert len(r.json()["explanations"]) == 8
         with batching_server.client() as c:  # and it recovers
             assert c.post("/explain", json={"inputs": as_json(seq(12))}).status_code == 200
-            assert metric(c.get("/metrics").text, "icaserve_errors_total", kind="overloaded") == statuses.count(503)
+            overloaded = metric(c.get("/metrics").text, "icaserve_errors_total", kind="overloaded")
+            assert overloaded - overloaded_before == statuses.count(503)
 
 
 # -- deadline ---------------------------------------------------------------------------------------
@@ -778,8 +782,11 @@ class Traffic:
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
     def _run(self, i: int) -> None:
+        end = time.monotonic() + 180  # bounded in time and count even if nobody stops it
         with httpx.Client(base_url=self.url, headers=AUTH, timeout=60) as c:
-            while not self.stop.is_set():
+            for _ in range(5000):
+                if self.stop.is_set() or time.monotonic() > end:
+                    return
                 try:
                     r = c.post(self.path, json=self.body)
                     if r.status_code == 200:
@@ -824,6 +831,16 @@ class Traffic:
         assert {v for _, v, _ in self.all()} <= versions
 
 
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    """Poll `condition` every 0.1 s until it holds; fail after `timeout_s`."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
 def load_failures(client: httpx.Client, model: str) -> float:
     return metric(client.get("/metrics").text, "icaserve_model_load_failures_total", model=model)
 
@@ -856,37 +873,42 @@ class TestKeysAndHotSwap:
         with keyed_server.client() as c:
             assert_error(c.post("/admin/reload"), 401, "unauthorized")
             assert_error(c.post("/admin/reload", headers=AUTH), 401, "unauthorized")  # the inference key cannot
+            serving = {m["name"]: m["serving_version"] for m in c.get("/models", headers=AUTH).json()["models"]}
             r = c.post("/admin/reload", headers=ADMIN)
             assert r.status_code == 200, r.text
-            assert r.json()["serving"] == {"ica": 2, "lstm": 1} and r.json()["refused"] == {}
+            assert r.json()["serving"] == serving  # nothing new published: the same versions serve
+            assert set(serving) == {"ica", "lstm"}
 
     def test_hot_swap_under_traffic(self, keyed_server):
         store = keyed_server.store
         x = seq(12, seed=300)
+        with keyed_server.client(headers=AUTH) as c:
+            old = c.get("/models/lstm").json()["serving_version"]
         with Traffic(keyed_server.url, "/models/lstm/predict", x) as traffic:
             traffic.wait(lambda: traffic.count() >= 6, 30, "traffic to start")
-            assert publish(store, "lstm", seed=7, arch=LSTM_ARCH) == 2
-            traffic.wait(lambda: any(v == 2 for _, v, _ in traffic.all()), 60, "version 2 to serve")
+            new = publish(store, "lstm", seed=7, arch=LSTM_ARCH)
+            assert new > old
+            traffic.wait(lambda: any(v == new for _, v, _ in traffic.all()), 60, f"version {new} to serve")
             n = traffic.count()
             traffic.wait(lambda: traffic.count() >= n + 6, 30, "more traffic after the swap")
-        traffic.check({1, 2})
+        traffic.check({old, new})
         versions = [v for _, v, _ in traffic.all()]
-        assert versions[0] == 1 and 2 in versions
-        for v in (1, 2):
+        assert versions[0] == old and new in versions
+        for v in (old, new):
             want = reference(store, "lstm", v).logits(x)
             for _, got_v, logits in traffic.all():
                 if got_v == v:
                     assert_rel_close(logits, want, 1e-5, f"lstm v{v}")
         with keyed_server.client(headers=AUTH) as c:
             one = c.get("/models/lstm").json()
-            assert one["versions"] == [1, 2] and one["serving_version"] == 2
+            assert one["versions"][-1] == new and old in one["versions"] and one["serving_version"] == new
             # the old version is still reachable by number
-            r = c.post("/models/lstm/versions/1/predict", json={"inputs": as_json(x)})
-            assert r.status_code == 200 and r.json()["version"] == 1
+            r = c.post(f"/models/lstm/versions/{old}/predict", json={"inputs": as_json(x)})
+            assert r.status_code == 200 and r.json()["version"] == old
 
     def test_request_routed_before_a_swap_finishes_on_its_version(self, keyed_server):
         """A request whose body is still arriving when a new version is swapped in was already routed
-        to the old version: the old version answers it (its batchers have stopped by then)."""
+        to the old version: the old version answers it, whatever became of it after the swap."""
         store = keyed_server.store
         x = seq(12, seed=302)
         body = json.dumps({"inputs": as_json(x)}).encode()
@@ -899,13 +921,19 @@ class TestKeysAndHotSwap:
                 sock.sendall((f"POST /models/lstm/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                               f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
                               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode())
-                time.sleep(0.5)  # routed to `old`, waiting for the body
+                # routed to `old`, waiting for the body: the request is in flight (the handler routes
+                # before it reads the body) and the server has since answered another request whole
+                wait_until(lambda: metric(c.get("/metrics").text, "icaserve_requests_in_flight") >= 1, 30,
+                           "the headers-only request to be in flight")
+                r = c.post("/models/lstm/predict", json={"inputs": as_json(x)})
+                assert r.status_code == 200 and r.json()["version"] == old
                 new = publish(store, "lstm", seed=9, arch=LSTM_ARCH)
-                end = time.monotonic() + 60
-                while c.get("/models/lstm").json()["serving_version"] != new and time.monotonic() < end:
-                    time.sleep(0.1)
-                assert c.get("/models/lstm").json()["serving_version"] == new
-                time.sleep(0.5)  # the old version's batchers drain and stop
+                wait_until(lambda: c.get("/models/lstm").json()["serving_version"] == new, 60,
+                           f"version {new} to serve")
+                # the swap is done as requests see it; and whatever the old version does next (its
+                # retirement) has had a whole request's worth of event-loop turns to happen
+                r = c.post("/models/lstm/predict", json={"inputs": as_json(x)})
+                assert r.status_code == 200 and r.json()["version"] == new
                 sock.sendall(body)
                 raw = b""
                 while chunk := sock.recv(65536):

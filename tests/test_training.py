@@ -1,6 +1,8 @@
 """Training: a tiny ICA-LSTM learns a small earlier_box; selection looks at validation only;
-checkpoints round-trip; seeds repeat; and `torchrun -m icaserve.cli train` runs DDP on CPU (gloo)
-with one checkpoint from rank 0 and a different data shard per rank."""
+checkpoints round-trip; seeds repeat; `torchrun -m icaserve.cli train` runs DDP on CPU (gloo)
+with one checkpoint from rank 0 and a different data shard per rank; and DDP does its job: after
+steps on different shards every rank holds the same weights, equal to one process stepping on the
+union of the shards (tests/test_cuda.py runs the same check with nccl)."""
 
 from __future__ import annotations
 
@@ -254,3 +256,174 @@ def test_ddp_two_ranks_gloo_cpu(tmp_path: Path) -> None:
         assert not set(a) & set(b)
         assert sorted(a + b) == list(range(80))
     assert shards[0, 1] != shards[0, 2]  # reshuffled per epoch (set_epoch)
+
+
+# -- DDP does its job: identical ranks, equal to one process on the union of the shards -------------
+
+# One rank of a DDP run of `training.train.train`, started with torchrun's environment (RANK,
+# WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). It records the process group's backend, the
+# models wrapped in DistributedDataParallel and the indices its DistributedSampler hands out, and
+# saves the weights train() returns. Options in the spec (tests/test_cuda.py uses them):
+# `strict_fp32` turns TF32 off (cuDNN's RNNs use it when allowed), `world1_backend` sets up a
+# process group of one here and lets train() use DDP in it (one GPU: nccl cannot put two ranks on
+# one device).
+DDP_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DistributedSampler
+
+    spec, out = json.loads(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    if spec.get("strict_fp32"):
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    shards, backends, wrapped = [], [], []
+    _iter, _init = DistributedSampler.__iter__, dist.init_process_group
+    _ddp_init = torch.nn.parallel.DistributedDataParallel.__init__
+
+    def _recording_ddp_init(self, module, *args, **kwargs):
+        wrapped.append(str(next(module.parameters()).device))
+        _ddp_init(self, module, *args, **kwargs)
+
+    def _recording_iter(self):
+        idx = [int(i) for i in _iter(self)]
+        shards.append(idx)
+        return iter(idx)
+
+    def _recording_init(backend=None, *args, **kwargs):
+        backends.append(backend)
+        return _init(backend, *args, **kwargs)
+
+    DistributedSampler.__iter__ = _recording_iter
+    dist.init_process_group = _recording_init
+    torch.nn.parallel.DistributedDataParallel.__init__ = _recording_ddp_init
+
+    from training.datasets import synthetic_splits, train_val_split
+    from training.models import ModelConfig
+    from training.train import Distributed, TrainConfig, train
+
+    if spec.get("world1_backend"):
+        dist.init_process_group(spec["world1_backend"], rank=0, world_size=1)
+        Distributed.enabled = property(lambda self: dist.is_initialized())
+
+    train_ds, _ = synthetic_splits("earlier_box", spec["n_train"], 10, T=spec["T"], N=spec["N"], seed=0)
+    fit, val = train_val_split(train_ds, spec["val_fraction"], seed=0)
+    result = train(ModelConfig(**spec["model"]), fit, val, TrainConfig(**spec["train"]))
+    torch.save({"state": {k: v.cpu() for k, v in result.model.state_dict().items()}, "shards": shards,
+                "backends": backends, "wrapped": wrapped, "epochs_run": len(result.history)}, out)
+    """
+)
+
+# 60 fit + 20 validation samples; 2 ranks x 30 samples = 3 steps of 10 per rank in one epoch.
+DDP_SPEC: dict = {
+    "n_train": 80, "val_fraction": 0.25, "T": 12, "N": 6,
+    "model": {"n_features": 6, "attention": "ica", "r": 3, "d_a": 6, "hidden": 5, "dropout": 0.0},
+    "train": {"epochs": 1, "batch_size": 10, "lr": 1e-2, "patience": 5, "seed": 0, "progress": False},
+}
+
+
+def run_ddp_ranks(tmp_path: Path, world: int, device: str, timeout_s: float = 240.0, **options) -> list[dict]:
+    """Run `world` ranks of DDP_WORKER on loopback (as torchrun would start them); their saves."""
+    from conftest import free_port
+
+    spec = json.loads(json.dumps(DDP_SPEC))
+    spec["train"]["device"] = device
+    spec.update(options)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update({"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+                "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)})
+    procs, logs = [], []
+    for rank in range(world):
+        log = open(tmp_path / f"rank{rank}.log", "wb")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", DDP_WORKER, json.dumps(spec), str(tmp_path / f"rank{rank}.pt")],
+            cwd=tmp_path, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=log, stderr=subprocess.STDOUT))
+    try:
+        for p in procs:  # a rank that fails leaves the others waiting in a collective: bounded
+            p.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+        for log in logs:
+            log.close()
+    outputs = "\n".join(f"-- rank {r}:\n" + (tmp_path / f"rank{r}.log").read_text(errors="replace")[-2000:]
+                        for r in range(world))
+    assert [p.returncode for p in procs] == [0] * world, outputs
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def union_reference(shards: list[list[int]], steps_of: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """One process, the same initial weights and optimiser, each step on the union of the ranks'
+    batches of that step: what DDP's gradient averaging must reproduce. With one shard: that
+    shard trained alone (what a rank would hold without DDP)."""
+    from training.datasets import Standardizer
+    from training.models import build_model
+    from training.train import _tensors
+
+    spec = DDP_SPEC
+    train_ds, _ = synthetic_splits("earlier_box", spec["n_train"], 10, T=spec["T"], N=spec["N"], seed=0)
+    fit, _ = train_val_split(train_ds, spec["val_fraction"], seed=0)
+    data = _tensors(fit, Standardizer.fit(fit.X))
+    cfg = TrainConfig(**spec["train"])
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelConfig(**spec["model"])).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bs = cfg.batch_size
+    for step in range(steps_of):
+        idx = [i for shard in shards for i in shard[step * bs:(step + 1) * bs]]
+        xb, yb = (t.to(device) for t in data[idx])
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def check_ddp_equivalence(saves: list[dict], backend: str, tol: float, device: str = "cpu") -> None:
+    """Every rank the same weights, equal to one process on the union of the shards, and (with
+    several ranks) clearly not what one rank alone would have learnt."""
+    world = len(saves)
+    fit_size = DDP_SPEC["n_train"] - round(DDP_SPEC["n_train"] * DDP_SPEC["val_fraction"])
+    shards = []
+    for save in saves:
+        assert save["backends"] == [backend]
+        assert len(save["wrapped"]) == 1 and save["wrapped"][0].startswith(device), save["wrapped"]
+        assert save["epochs_run"] == 1 and len(save["shards"]) == 1  # one epoch: one pass of the sampler
+        shards.append(save["shards"][0])
+    assert sorted(i for s in shards for i in s) == list(range(fit_size))  # disjoint, covering the split
+    steps = fit_size // world // DDP_SPEC["train"]["batch_size"]
+    assert steps >= 2
+    for save in saves[1:]:
+        assert max_abs_diff(save["state"], saves[0]["state"]) <= tol / 10, "ranks disagree"
+    union = union_reference(shards, steps, device)
+    diff = max_abs_diff(saves[0]["state"], union)
+    assert diff <= tol, f"DDP result differs from one process on the union of the shards by {diff:.3g}"
+    # the check can tell: each rank alone on its own shard ends up far from that
+    for shard in shards if world > 1 else []:
+        alone = max_abs_diff(union_reference([shard], steps, device), union)
+        assert alone > 100 * tol, alone
+
+
+def test_ddp_ranks_agree_and_equal_one_process_on_the_union(tmp_path: Path) -> None:
+    """What DDP is for: after three steps on different shards (gloo, 2 ranks on loopback), both
+    ranks hold the same parameters, equal (to float rounding) to a single process stepping on the
+    union of the two ranks' batches. With the DistributedDataParallel wrapper replaced by the bare
+    model each rank would follow its own shard and this fails."""
+    saves = run_ddp_ranks(tmp_path, world=2, device="cpu")
+    check_ddp_equivalence(saves, backend="gloo", tol=1e-5)

@@ -76,6 +76,33 @@ class InputCellAttention(nn.Module):
             return m.flatten(2)
         return m.mean(dim=2)
 
+    def gate_inputs(self, x: torch.Tensor, w_ih: torch.Tensor) -> torch.Tensor:
+        """W_ih times the cell input, for every t, without forming M_t: shape (B, T, G).
+
+        The cell only ever uses W_ih vec(M_t) = sum_j sum_{s<=t} w_sj W_ih^(j) x_s / sum_{s<=t} w_sj,
+        W_ih^(j) the block of the input weights that multiplies hop j (for `mean`, W_ih / r for
+        every hop). So each input is projected first (x_s -> W_ih^(j) x_s, one GEMM) and the prefix
+        sums run over (B, T, r, G) instead of (B, T, r, N): cheaper whenever the gate width G < N.
+        Same weights, same shift and float64 fallback as `embed`.
+        """
+        e = self.scores(x)
+        shift = e.detach().amax(dim=1, keepdim=True)
+        z = e - shift
+        g = w_ih.shape[0]
+        if self.variant == "matrix":
+            # rows ordered (hop, gate): (r*G, N), so x @ it.T is (B, T, r, G)
+            blocks = w_ih.reshape(g, self.r, self.n_features).transpose(0, 1).reshape(self.r * g, self.n_features)
+            p = torch.matmul(x, blocks.t()).reshape(x.shape[0], x.shape[1], self.r, g)
+        else:
+            p = torch.matmul(x, w_ih.t()).unsqueeze(2) / self.r  # (B, T, 1, G), shared by every hop
+        if x.dtype != torch.float64 and self.score_spread_bound() > self.float32_safe_spread:
+            z = z.double()
+            p = p.double()
+        w = torch.exp(z)  # (B, T, r), in (0, 1]
+        num = torch.cumsum(w.unsqueeze(-1) * p, dim=1)  # (B, T, r, G)
+        den = torch.cumsum(w, dim=1).unsqueeze(-1)  # (B, T, r, 1)
+        return (num / den).sum(dim=2).to(x.dtype)
+
     @torch.jit.export
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """A_t for every t, averaged over hops: (B, T, T), row t a distribution over steps <= t.

@@ -17,6 +17,7 @@ from torch import nn
 from training.ica import VARIANTS, InputCellAttention
 
 CELLS = ("lstm", "gru", "rnn")
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # gate width G = GATES[cell] * hidden
 ATTENTIONS = ("none", "ica", "self")
 
 
@@ -115,10 +116,13 @@ class SelfAttentionPool(nn.Module):
 class RecurrentClassifier(nn.Module):
     """x (B, T, N) -> [input dropout] -> [ICA] -> fused RNN -> pooling -> [dropout] -> logits."""
 
+    __constants__ = ["folded", "cell"]  # fixed when scripted: the untaken form is not compiled
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config
         self.config = c
+        self.cell = c.cell
         self.input_dropout = nn.Dropout(c.dropout)
         if c.attention == "ica":
             self.encoder: nn.Module = InputCellAttention(c.n_features, c.r, c.d_a, c.ica_variant)
@@ -143,16 +147,56 @@ class RecurrentClassifier(nn.Module):
             self.pool = LastStep(c.hidden, c.bidirectional)
         self.output_dropout = nn.Dropout(c.dropout)
         self.head = nn.Linear(width, c.n_classes)
+        # Identity input weights for the fused recurrence of the folded form; not in the state
+        # dict, so checkpoints and stores keep the paper's parameterisation either way.
+        self.register_buffer("gate_eye", torch.zeros(0, 0), persistent=False)
+        self.folded = False
+        self.set_folded(can_fold(c))
+
+    def set_folded(self, on: bool) -> "RecurrentClassifier":
+        """Compute ICA in the folded form (see `InputCellAttention.gate_inputs`) or the direct
+        one; both give the same function of the same weights. Fixed when scripted."""
+        if on and not can_fold(self.config):
+            raise ValueError(f"the folded form does not apply to {self.config.label} with "
+                             f"{self.config.layers} layer(s), hidden {self.config.hidden}, N = {self.config.n_features}")
+        w = self.rnn.weight_hh_l0
+        g = w.shape[0]
+        self.gate_eye = torch.eye(g, dtype=w.dtype, device=w.device) if on else w.new_zeros(0, 0)
+        self.folded = on
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(self.input_dropout(x))
-        out, _ = self.rnn(h)
+        x = self.input_dropout(x)
+        if self.folded:
+            out = self._folded_recurrence(x)
+        else:
+            out, _ = self.rnn(self.encoder(x))
         return self.head(self.output_dropout(self.pool(out)))
+
+    def _folded_recurrence(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused recurrence fed with ready-made gate inputs W_ih vec(M_t) (identity input
+        weights, the module's own recurrent weights and biases): hidden states (B, T, H)."""
+        rnn = self.rnn
+        u = self.encoder.gate_inputs(x, rnn.weight_ih_l0)
+        h0 = u.new_zeros(1, u.shape[0], rnn.weight_hh_l0.shape[1])
+        params = [self.gate_eye, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0]
+        if self.cell == "lstm":
+            return torch.lstm(u, [h0, h0], params, True, 1, 0.0, self.training, False, True)[0]
+        if self.cell == "gru":
+            return torch.gru(u, h0, params, True, 1, 0.0, self.training, False, True)[0]
+        return torch.rnn_tanh(u, h0, params, True, 1, 0.0, self.training, False, True)[0]
 
     @torch.jit.export
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Input-cell attention (B, T, T) averaged over hops; (B, 0, 0) for models without ICA."""
         return self.encoder.attention(x)
+
+
+def can_fold(config: ModelConfig) -> bool:
+    """Whether the folded ICA form applies and pays: one unidirectional ICA layer whose gate
+    width G is below the input width N (prefix sums over G instead of N values per hop)."""
+    return (config.attention == "ica" and config.layers == 1 and not config.bidirectional
+            and GATES[config.cell] * config.hidden < config.n_features)
 
 
 def build_model(config: ModelConfig) -> RecurrentClassifier:
