@@ -33,7 +33,7 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, Occlusion, Saliency
 
 from attribution.smoothgrad import noise_draws
-from conftest import CLASS_NAMES, LSTM_ARCH, MAX_LENGTH, NORMALIZATION, N_FEATURES, metric, publish
+from conftest import CLASS_NAMES, LSTM_ARCH, MAX_LENGTH, NORMALIZATION, N_FEATURES, metric, publish, wait_for
 from model_store import ModelStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -814,14 +814,6 @@ class Traffic:
     def count(self) -> int:
         return sum(len(r) for r in self.records)
 
-    def wait(self, condition, timeout_s: float, what: str) -> None:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if condition():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
     def check(self, versions: set[int]) -> None:
         failures = [rec for rec in self.all() if rec[0] != 200]
         assert not failures, failures[:5]
@@ -829,16 +821,6 @@ class Traffic:
             seen = [v for _, v, _ in recs]
             assert seen == sorted(seen), seen
         assert {v for _, v, _ in self.all()} <= versions
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    """Poll `condition` every 0.1 s until it holds; fail after `timeout_s`."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def load_failures(client: httpx.Client, model: str) -> float:
@@ -885,12 +867,12 @@ class TestKeysAndHotSwap:
         with keyed_server.client(headers=AUTH) as c:
             old = c.get("/models/lstm").json()["serving_version"]
         with Traffic(keyed_server.url, "/models/lstm/predict", x) as traffic:
-            traffic.wait(lambda: traffic.count() >= 6, 30, "traffic to start")
+            wait_for(lambda: traffic.count() >= 6, 30, "traffic to start")
             new = publish(store, "lstm", seed=7, arch=LSTM_ARCH)
             assert new > old
-            traffic.wait(lambda: any(v == new for _, v, _ in traffic.all()), 60, f"version {new} to serve")
+            wait_for(lambda: any(v == new for _, v, _ in traffic.all()), 60, f"version {new} to serve")
             n = traffic.count()
-            traffic.wait(lambda: traffic.count() >= n + 6, 30, "more traffic after the swap")
+            wait_for(lambda: traffic.count() >= n + 6, 30, "more traffic after the swap")
         traffic.check({old, new})
         versions = [v for _, v, _ in traffic.all()]
         assert versions[0] == old and new in versions
@@ -923,12 +905,12 @@ class TestKeysAndHotSwap:
                               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode())
                 # routed to `old`, waiting for the body: the request is in flight (the handler routes
                 # before it reads the body) and the server has since answered another request whole
-                wait_until(lambda: metric(c.get("/metrics").text, "icaserve_requests_in_flight") >= 1, 30,
+                wait_for(lambda: metric(c.get("/metrics").text, "icaserve_requests_in_flight") >= 1, 30,
                            "the headers-only request to be in flight")
                 r = c.post("/models/lstm/predict", json={"inputs": as_json(x)})
                 assert r.status_code == 200 and r.json()["version"] == old
                 new = publish(store, "lstm", seed=9, arch=LSTM_ARCH)
-                wait_until(lambda: c.get("/models/lstm").json()["serving_version"] == new, 60,
+                wait_for(lambda: c.get("/models/lstm").json()["serving_version"] == new, 60,
                            f"version {new} to serve")
                 # the swap is done as requests see it; and whatever the old version does next (its
                 # retirement) has had a whole request's worth of event-loop turns to happen
@@ -962,11 +944,11 @@ class TestKeysAndHotSwap:
         data[len(data) // 2] ^= 0xFF  # same size, different bytes
         (tmp / "model.ts").write_bytes(bytes(data))
         with Traffic(keyed_server.url, "/models/lstm/predict", x) as traffic, keyed_server.client(headers=AUTH) as c:
-            traffic.wait(lambda: traffic.count() >= 3, 30, "traffic to start")
+            wait_for(lambda: traffic.count() >= 3, 30, "traffic to start")
             tmp.rename(model_dir / str(bad))
-            traffic.wait(lambda: load_failures(c, "lstm") > failures_before, 30, "the corrupted version's refusal")
+            wait_for(lambda: load_failures(c, "lstm") > failures_before, 30, "the corrupted version's refusal")
             n = traffic.count()
-            traffic.wait(lambda: traffic.count() >= n + 6, 30, "more traffic after the refusal")
+            wait_for(lambda: traffic.count() >= n + 6, 30, "more traffic after the refusal")
         traffic.check({serving})
         with keyed_server.client(headers=AUTH) as c:
             assert load_failures(c, "lstm") == failures_before + 1  # refused once, not on every poll
