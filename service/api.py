@@ -346,7 +346,7 @@ async def _explain(request: Request, name: str | None, version: str | None) -> R
     metrics.EXPLANATIONS.labels(req.method).inc(len(seqs))
     names = model.class_names
     if _wants_npz(request):
-        return _npz(model.name, model.version, req.method, results, names, req)
+        return _npz(model.name, model.version, req.method, results, [sal for sal, _, _ in processed], names)
     out = []
     for e, (sal, time_profiles, feature_profiles) in zip(results, processed):
         out.append({
@@ -362,13 +362,13 @@ async def _explain(request: Request, name: str | None, version: str | None) -> R
                           "explanations": out})
 
 
-def _npz(name: str, version: int, method: str, results: list[Explanation], names: list[str],
-         req: ExplainRequest) -> Response:
-    """Compact binary answer: float32 arrays per sequence i (saliency_i: K x T x N, logits_i,
-    targets_i, attention_i) and `meta` (UTF-8 JSON bytes)."""
+def _npz(name: str, version: int, method: str, results: list[Explanation], saliency: list[np.ndarray],
+         names: list[str]) -> Response:
+    """Compact binary answer: float32 arrays per sequence i (saliency_i: K x T x N as returned,
+    logits_i, targets_i, attention_i) and `meta` (UTF-8 JSON bytes)."""
     arrays: dict[str, np.ndarray] = {}
-    for i, e in enumerate(results):
-        arrays[f"saliency_{i}"] = _postprocess(e.saliency, req.absolute, req.normalize)
+    for i, (e, sal) in enumerate(zip(results, saliency)):
+        arrays[f"saliency_{i}"] = sal
         arrays[f"logits_{i}"] = e.logits.astype(np.float32)
         arrays[f"targets_{i}"] = np.asarray(e.targets, dtype=np.int64)
         if e.attention is not None:

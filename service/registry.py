@@ -169,6 +169,8 @@ class ModelRegistry:
             model = await asyncio.to_thread(
                 LoadedModel.load, self.store, name, version, self.device, self.settings.predict_backend
             )
+            if model.version != version or model.name != name:  # the store checks this; never serve a mislabel
+                raise ManifestError(f"loaded {model.name} v{model.version} from {name} v{version}")
         except Exception as exc:  # checksum, manifest, unreadable file, broken TorchScript, failed warm-up
             kind = type(exc).__name__
             self._refused[key] = Refusal(f"{kind}: {exc}", signature)
@@ -176,13 +178,6 @@ class ModelRegistry:
             # the why in the message too: plain-text logs do not show the extra fields
             log.error("refused model version %s v%s: %s", name, version, self._refused[key].reason,
                       extra={"model": name, "version": version, "reason": str(exc)})
-            return None
-        if model.version != version or model.name != name:  # the store checks this; never serve a mislabel
-            kind = "ManifestError"
-            self._refused[key] = Refusal(f"{kind}: loaded {model.name} v{model.version} from {name} v{version}",
-                                         signature)
-            metrics.MODEL_LOAD_FAILURES.labels(name, kind).inc()
-            log.error("refused model version %s v%s: %s", name, version, self._refused[key].reason)
             return None
         self._refused.pop(key, None)
         metrics.MODEL_LOADS.labels(name, reason).inc()
