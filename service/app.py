@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import orjson
 import torch
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -22,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from icaserve.tuning import tune_malloc
 from service import api, errors, metrics, v2
-from service.errors import ApiError, PayloadTooLarge
+from service.errors import ApiError, PayloadTooLarge, error_body
 from service.logs import REQUEST_ID, configure_logging
 from service.registry import ModelRegistry
 from service.runtime import pick_device
@@ -123,7 +122,7 @@ class RequestContext:
         async def refuse(code: int, kind: str, message: str, field: str | None,
                          extra: list[tuple[bytes, bytes]]) -> None:
             """Answer in the error format without calling the app (its route is never resolved)."""
-            body = orjson.dumps({"error": message, "code": kind, "field": field, "request_id": request_id})
+            body = error_body(message, kind, field, request_id)
             state["error_code"] = kind
             await send_with_id({"type": "http.response.start", "status": code,
                                 "headers": [(b"content-type", b"application/json"),

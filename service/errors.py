@@ -84,12 +84,18 @@ def from_store_error(exc: StoreError) -> ApiError:
     return NotReady(f"model unavailable: {exc}", field="model")
 
 
+def error_body(message: str, code: str, field: str | None, request_id: str | None) -> bytes:
+    """The one error format, as bytes; also for answers given below the app (service/app.py,
+    service/server.py), where there is no Request."""
+    body: dict[str, Any] = {"error": message, "code": code, "field": field, "request_id": request_id}
+    return orjson.dumps(body)
+
+
 def error_response(status: int, code: str, message: str, field: str | None, request: Request,
                    headers: dict[str, str] | None = None) -> Response:
-    body: dict[str, Any] = {"error": message, "code": code, "field": field,
-                            "request_id": getattr(request.state, "request_id", None)}
     request.state.error_code = code
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+    body = error_body(message, code, field, getattr(request.state, "request_id", None))
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 # Pydantic names the member of a union that failed as one more step of an error's location

@@ -27,9 +27,9 @@ import logging
 import uuid
 from typing import Any
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.errors import error_body
 from service.logs import REQUEST_ID
 from service.settings import Settings
 
@@ -185,7 +185,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Answer `status` in the service's error format, close (lingering), and count and log it as
         RequestContext would (this never reaches the app: there is no complete request)."""
         request_id = uuid.uuid4().hex
-        body = orjson.dumps({"error": message, "code": code, "field": "headers", "request_id": request_id})
+        body = error_body(message, code, "headers", request_id)
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]

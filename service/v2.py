@@ -81,8 +81,7 @@ def _metadata(serving) -> dict[str, Any]:
         "versions": [str(m.version)],
         "platform": "pytorch_torchscript" if m.backend == "torch" else "onnxruntime_onnx",
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1, m.manifest.input.n_features]}],
-        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(m.class_names)]},
-                    {"name": "logits", "datatype": "FP32", "shape": [-1, len(m.class_names)]}],
+        "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, len(m.class_names)]} for o in OUTPUTS],
         "parameters": {"class_names": m.class_names, "feature_names": m.manifest.input.feature_names},
     }
 
@@ -197,15 +196,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         refuse_non_finite(z, f"inputs[0].data[{i}]", "the model's output")
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
-    c = probs.shape[1]
-    outputs = {
-        "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": [b, c],
-                          "data": probs.astype(np.float32).reshape(-1)},
-        "logits": {"name": "logits", "datatype": "FP32", "shape": [b, c],
-                   "data": logits.astype(np.float32).reshape(-1)},
-    }
+    values = {"probabilities": probs, "logits": logits}  # one entry per name in OUTPUTS
     body: dict[str, Any] = {"model_name": serving.model.name, "model_version": str(serving.model.version),
-                            "outputs": [outputs[w] for w in wanted]}
+                            "outputs": [{"name": w, "datatype": "FP32", "shape": list(probs.shape),
+                                         "data": values[w].astype(np.float32).reshape(-1)} for w in wanted]}
     if req.id is not None:
         body["id"] = req.id
     return json_response(body)

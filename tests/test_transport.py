@@ -15,7 +15,7 @@ import re
 import select
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import MAX_LENGTH, N_FEATURES, Server
+from conftest import MAX_LENGTH, N_FEATURES, Server, metric, wait_for
 from model_store import ModelStore
 from service import inputs
 from service.errors import InvalidInput, UnsupportedMediaType
@@ -125,27 +125,12 @@ def assert_error(status: int, headers: dict[str, str], body: bytes, code: int, k
     return err
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include `labels` (0 when there are none)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def metrics(server: Server) -> str:
     return httpx.get(f"{server.url}/metrics", timeout=BOUND_S).text
 
 
-def wait_for(condition: Callable[[], bool], what: str, bound_s: float = BOUND_S) -> None:
-    deadline = time.monotonic() + bound_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def post_head(path: str, length: int, content_type: str = "application/json") -> bytes:
@@ -188,8 +173,8 @@ def test_oversize_header_gets_431_without_buffering_and_others_are_served(server
     r = httpx.get(f"{server.url}/healthz", headers={"X-Big": "a" * (HEADER_LIMIT - 200)}, timeout=BOUND_S)
     assert r.status_code == 200, r.text
     text = metrics(server)
-    assert sample(text, "icaserve_errors_total", kind="headers_too_large") >= 1
-    assert sample(text, "icaserve_requests_total", status="500") == 0
+    assert metric(text, "icaserve_errors_total", kind="headers_too_large") >= 1
+    assert metric(text, "icaserve_requests_total", status="500") == 0
 
 
 def test_header_trickle_and_silent_connection_are_cut_off(strict):
@@ -228,10 +213,10 @@ def test_stalled_and_trickled_bodies_get_408_and_leave_no_request_in_flight(stri
         err = assert_error(status, headers, body, 408, "request_timeout")
         assert err["field"] == "body", err
         assert headers.get("connection") == "close", headers
-    wait_for(lambda: sample(metrics(strict), "icaserve_requests_in_flight") == 0, "no request in flight")
+    wait_for(lambda: metric(metrics(strict), "icaserve_requests_in_flight") == 0, BOUND_S, "no request in flight")
     text = metrics(strict)
-    assert sample(text, "icaserve_requests_total", status="408") >= 2
-    assert sample(text, "icaserve_errors_total", kind="request_timeout") >= 2
+    assert metric(text, "icaserve_requests_total", status="408") >= 2
+    assert metric(text, "icaserve_errors_total", kind="request_timeout") >= 2
 
 
 def test_a_body_nobody_reads_cannot_hold_the_connection(strict):
@@ -265,7 +250,8 @@ def test_connections_beyond_the_cap_get_503_with_retry_after(server):
         for h in holders:
             h.close()
     # with the holders gone, a new connection is served again
-    wait_for(lambda: httpx.get(f"{server.url}/healthz", timeout=BOUND_S).status_code == 200, "a free connection")
+    wait_for(lambda: httpx.get(f"{server.url}/healthz", timeout=BOUND_S).status_code == 200, BOUND_S,
+             "a free connection")
 
 
 # -- a client that leaves mid-body --------------------------------------------------------------------
@@ -275,17 +261,18 @@ def test_client_closing_mid_body_is_499_client_closed_not_a_server_error(server)
     before = metrics(server)
     with connect(server) as sock:
         sock.sendall(post_head("/predict", 100) + b'{"in')
-    wait_for(lambda: sample(metrics(server), "icaserve_requests_total", status="499") >
-             sample(before, "icaserve_requests_total", status="499"), "the 499 to be counted")
+    wait_for(lambda: metric(metrics(server), "icaserve_requests_total", status="499") >
+             metric(before, "icaserve_requests_total", status="499"), BOUND_S, "the 499 to be counted")
     text = metrics(server)
-    assert sample(text, "icaserve_requests_total", endpoint="/predict", status="499") == \
-        sample(before, "icaserve_requests_total", endpoint="/predict", status="499") + 1
-    assert sample(text, "icaserve_errors_total", kind="client_closed") == \
-        sample(before, "icaserve_errors_total", kind="client_closed") + 1
-    assert sample(text, "icaserve_requests_total", status="500") == 0
-    assert sample(text, "icaserve_errors_total", kind="http_error") == 0
-    assert sample(text, "icaserve_requests_in_flight") == 0
-    wait_for(lambda: re.search(r"POST /predict 499 ", server.log(200_000)) is not None, "the access log line")
+    assert metric(text, "icaserve_requests_total", endpoint="/predict", status="499") == \
+        metric(before, "icaserve_requests_total", endpoint="/predict", status="499") + 1
+    assert metric(text, "icaserve_errors_total", kind="client_closed") == \
+        metric(before, "icaserve_errors_total", kind="client_closed") + 1
+    assert metric(text, "icaserve_requests_total", status="500") == 0
+    assert metric(text, "icaserve_errors_total", kind="http_error") == 0
+    assert metric(text, "icaserve_requests_in_flight") == 0
+    wait_for(lambda: re.search(r"POST /predict 499 ", server.log(200_000)) is not None, BOUND_S,
+             "the access log line")
     log = server.log(200_000)
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
 
