@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     # (the bench measured batching-on at 1 client 30% slower with a 2 ms wait); > 0 also waits
     # this long for a batch to fill, which pays off only when arrivals are dense.
     max_wait_ms: float = Field(0.0, ge=0, le=1000)
-    predict_queue_size: int = Field(256, ge=1)  # requests waiting, per model version
+    predict_queue_size: int = Field(256, ge=1)  # requests waiting, per model (shared by its loaded versions)
     explain_queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
     retry_after_s: int = Field(1, ge=1)
