@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Installs icaserve into the current Python. `--test` adds the test tools and Prometheus.
+# Installs icaserve into its own virtual environment (.venv, or $ICASERVE_VENV), so packages that
+# a machine already holds can neither hide a broken install nor conflict with ours.
+# `--test` adds the test tools and Prometheus.
 # Every dependency comes from requirements/lock.txt (constraints), so a fresh machine gets the
 # versions the suite was last run with; scripts/lock.sh regenerates it. torch is pinned there too
 # and installed first: an unpinned torch pulls gigabytes of CUDA packages on a CPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
+VENV="${ICASERVE_VENV:-.venv}"
 LOCK=requirements/lock.txt
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+
+[[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
 
 "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
   || "$PY" -m pip install -q -c "$LOCK" "torch==2.13.0"
@@ -25,5 +30,6 @@ if [[ "${1:-}" == "--test" ]]; then
 else
   "$PY" -m pip install -q -c "$LOCK" -e .
 fi
-# A machine that holds other versions from earlier installs would hide a broken lock: say so.
+# The environment holds only what the lock gave it; pip check confirms the set is consistent.
 "$PY" -m pip check >/dev/null || { "$PY" -m pip check; exit 1; }
+echo "installed into $VENV (activate with: . $VENV/bin/activate)" >&2
