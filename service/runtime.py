@@ -15,6 +15,7 @@ answer nobody waits for, and the queue behind it moves on.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -31,11 +32,12 @@ from attribution import Stopped, attribute, gradient_and_logits
 from attribution.core import check_stop
 from model_store import Manifest, ModelStore
 from service.batching import Expired
+from training.models import GATES
 
 log = logging.getLogger("icaserve.runtime")
 
 # Largest per-row intermediate a model call may hold at once, in elements (16 MB of float32). The
-# ICA embedding is rows x T x r x N; past glibc's mmap threshold (32 MB at most) every such buffer
+# ICA embedding is rows x T x r x N (rows x T x r x min(N, G) in the folded form); past glibc's mmap threshold (32 MB at most) every such buffer
 # is mmapped and zeroed afresh per call. Measured on the shipped model (2-core EPYC, one thread):
 # chunking merged batches to this budget made a 32-sequence gradient 1.75x faster per sequence
 # and 8 merged 16-step integrated-gradients requests 2.3x faster.
@@ -176,11 +178,23 @@ class LoadedModel:
         """Forward-equivalents of one sequence's T x T attention weights (see `attention_cost`)."""
         return attention_cost(length, self.manifest.input.n_features)
 
+    @functools.cached_property
+    def step_width(self) -> int:
+        """Values per time step of the model's largest intermediate: r x N for ICA's embedding, or
+        r x min(N, G) in the folded form (its prefix sums run over the gate width G when G < N)."""
+        arch = self.manifest.architecture
+        n = self.manifest.input.n_features
+        if arch.get("attention") != "ica":
+            return n
+        r = int(arch.get("r", 1))
+        if "_folded_recurrence" in self.explain_module.code:
+            gates = GATES.get(str(arch.get("cell")), 4) * int(arch.get("hidden", n))
+            return r * min(n, gates)
+        return r * n
+
     def rows_per_chunk(self, length: int) -> int:
         """Sequences (or scaled / noisy / occluded copies) per model call for this length."""
-        arch = self.manifest.architecture
-        width = self.manifest.input.n_features * (int(arch.get("r", 1)) if arch.get("attention") == "ica" else 1)
-        return max(1, CHUNK_ELEMENTS // (length * width))
+        return max(1, CHUNK_ELEMENTS // (length * self.step_width))
 
     def predict(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         """Logits per sequence; sequences of equal length share one forward."""

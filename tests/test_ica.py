@@ -238,28 +238,33 @@ def test_dropout_is_off_in_eval_and_in_inference_copy(layers):
 
 
 # ---------------------------------------------------------------------------------------------
-# the folded form: prefix sums over the gate width G instead of the input width N
+# the folded form: the gate inputs W_ih vec(M_t) computed outside the fused RNN, with prefix sums
+# over the gate width G (G < N) or over N followed by the projection (G >= N)
 
 FOLD_GRID = list(itertools.product(("lstm", "gru", "rnn"), ("matrix", "mean")))
+# (N, hidden): G = 8, 6, 2 < N = 23 (prefix sums over G); G = 16, 12, 4 >= N = 4 (projected)
+FOLD_SHAPES = {"over-gates": (23, 2), "projected": (4, 4)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("order", list(FOLD_SHAPES))
 @pytest.mark.parametrize("cell,variant", FOLD_GRID)
-def test_folded_equals_direct_equals_step_by_step(cell, variant, dtype):
-    """Outputs and input-gradients of the folded form, the direct form and the literal
-    definition agree (T = 1 included), and the folded model has the same state dict."""
+def test_folded_equals_direct_equals_step_by_step(cell, variant, order, dtype):
+    """Outputs and input-gradients of the folded form (either order), the direct form and the
+    literal definition agree (T = 1 included), and the folded model has the same state dict."""
     seed = FOLD_GRID.index((cell, variant)) + (100 if dtype == torch.float32 else 0)
-    model = _model(dtype, seed=seed, n_features=23, n_classes=3, cell=cell, ica_variant=variant,
-                   hidden=2, r=4, d_a=6)
-    assert model.folded  # G = 8, 6 or 2 < N = 23: on by default
-    direct = _model(dtype, seed=seed, n_features=23, n_classes=3, cell=cell, ica_variant=variant,
-                    hidden=2, r=4, d_a=6).set_folded(False)
+    n, hidden = FOLD_SHAPES[order]
+    model = _model(dtype, seed=seed, n_features=n, n_classes=3, cell=cell, ica_variant=variant,
+                   hidden=hidden, r=4, d_a=6)
+    assert model.folded  # on by default
+    direct = _model(dtype, seed=seed, n_features=n, n_classes=3, cell=cell, ica_variant=variant,
+                    hidden=hidden, r=4, d_a=6).set_folded(False)
     assert list(direct.state_dict()) == list(model.state_dict())
     direct.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(3, 3, generator=g).to(dtype)
     for steps in (1, 9):
-        x = (torch.randn(3, steps, 23, generator=g) * 2).to(dtype)
+        x = (torch.randn(3, steps, n, generator=g) * 2).to(dtype)
         _check_against_reference(model, x)
         out, grad = _logits_and_grad(model, x, w)
         d_out, d_grad = _logits_and_grad(direct, x, w)
@@ -269,12 +274,12 @@ def test_folded_equals_direct_equals_step_by_step(cell, variant, dtype):
 
 
 def test_folded_only_where_it_applies():
-    assert not _model(n_features=4, hidden=5).folded  # G = 20 >= N
+    assert _model(n_features=4, hidden=5).folded  # G = 20 >= N: the projected order
     assert not _model(n_features=100, hidden=5, bidirectional=True).folded
     assert not _model(n_features=100, hidden=5, layers=2).folded
     assert not _model(n_features=100, hidden=5, attention="none").folded
     with pytest.raises(ValueError, match="folded form does not apply"):
-        _model(n_features=4, hidden=5).set_folded(True)
+        _model(n_features=4, hidden=5, layers=2).set_folded(True)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

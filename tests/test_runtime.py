@@ -25,7 +25,9 @@ def _inputs(n: int, length: int, features: int) -> list[np.ndarray]:
 
 def test_rows_per_chunk_follows_the_budget(model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     arch = model.manifest.architecture
-    per_row = 12 * model.manifest.input.n_features * arch["r"]  # T x N x r for an ICA model
+    # folded ICA: its prefix sums hold T x r x min(N, G) values per sequence, G = 4 x hidden (LSTM)
+    assert model.step_width == arch["r"] * min(model.manifest.input.n_features, 4 * arch["hidden"])
+    per_row = 12 * model.step_width
     monkeypatch.setattr(runtime, "CHUNK_ELEMENTS", 3 * per_row)
     assert model.rows_per_chunk(12) == 3
     monkeypatch.setattr(runtime, "CHUNK_ELEMENTS", 1)
@@ -44,8 +46,7 @@ def test_chunked_equals_unchunked(model: LoadedModel, monkeypatch: pytest.Monkey
     specs = [ExplainSpec(method, dict(params), None, all_targets=True) for _ in seqs]
     whole_logits = model.predict(seqs)
     whole = model.explain(seqs, specs)
-    per_row = 12 * model.manifest.input.n_features * model.manifest.architecture["r"]
-    monkeypatch.setattr(runtime, "CHUNK_ELEMENTS", 2 * per_row)  # 2 rows per model call
+    monkeypatch.setattr(runtime, "CHUNK_ELEMENTS", 2 * 12 * model.step_width)  # 2 rows per model call
     assert model.rows_per_chunk(12) == 2
     chunked_logits = model.predict(seqs)
     chunked = model.explain(seqs, specs)

@@ -77,18 +77,28 @@ class InputCellAttention(nn.Module):
         return m.mean(dim=2)
 
     def gate_inputs(self, x: torch.Tensor, w_ih: torch.Tensor) -> torch.Tensor:
-        """W_ih times the cell input, for every t, without forming M_t: shape (B, T, G).
+        """W_ih times the cell input, for every t: shape (B, T, G), G = the gate width.
 
         The cell only ever uses W_ih vec(M_t) = sum_j sum_{s<=t} w_sj W_ih^(j) x_s / sum_{s<=t} w_sj,
         W_ih^(j) the block of the input weights that multiplies hop j (for `mean`, W_ih / r for
-        every hop). So each input is projected first (x_s -> W_ih^(j) x_s, one GEMM) and the prefix
-        sums run over (B, T, r, G) instead of (B, T, r, N): cheaper whenever the gate width G < N.
+        every hop). Two orders compute it, and the cheaper one is taken from the shapes:
+        - G < N (folded): project each input first (x_s -> W_ih^(j) x_s, one GEMM), so the prefix
+          sums run over (B, T, r, G) instead of (B, T, r, N);
+        - otherwise (projected): the prefix sums of `embed`, then one GEMM with W_ih.
+        Either way the projection happens here rather than inside the fused RNN, whose backward
+        would also compute the weight gradients that an explanation never uses.
+        The hop sum weighs each hop's prefix sum by 1 / (its prefix weight), as a small matmul over
+        hops, so no (B, T, r, G)-sized division or its backward is ever formed.
         Same weights, same shift and float64 fallback as `embed`.
         """
+        g = w_ih.shape[0]
+        if g >= self.n_features:
+            m = self.embed(x)
+            cell_in = m.flatten(2) if self.variant == "matrix" else m.mean(dim=2)
+            return torch.matmul(cell_in, w_ih.t())
         e = self.scores(x)
         shift = e.detach().amax(dim=1, keepdim=True)
         z = e - shift
-        g = w_ih.shape[0]
         if self.variant == "matrix":
             # rows ordered (hop, gate): (r*G, N), so x @ it.T is (B, T, r, G)
             blocks = w_ih.reshape(g, self.r, self.n_features).transpose(0, 1).reshape(self.r * g, self.n_features)
@@ -100,8 +110,8 @@ class InputCellAttention(nn.Module):
             p = p.double()
         w = torch.exp(z)  # (B, T, r), in (0, 1]
         num = torch.cumsum(w.unsqueeze(-1) * p, dim=1)  # (B, T, r, G)
-        den = torch.cumsum(w, dim=1).unsqueeze(-1)  # (B, T, r, 1)
-        return (num / den).sum(dim=2).to(x.dtype)
+        inv_den = torch.reciprocal(torch.cumsum(w, dim=1)).unsqueeze(-2)  # (B, T, 1, r)
+        return torch.matmul(inv_den, num).squeeze(-2).to(x.dtype)
 
     @torch.jit.export
     def attention(self, x: torch.Tensor) -> torch.Tensor:

@@ -193,10 +193,10 @@ class RecurrentClassifier(nn.Module):
 
 
 def can_fold(config: ModelConfig) -> bool:
-    """Whether the folded ICA form applies and pays: one unidirectional ICA layer whose gate
-    width G is below the input width N (prefix sums over G instead of N values per hop)."""
-    return (config.attention == "ica" and config.layers == 1 and not config.bidirectional
-            and GATES[config.cell] * config.hidden < config.n_features)
+    """Whether the folded ICA form applies: one unidirectional ICA layer, whose gate inputs
+    `InputCellAttention.gate_inputs` computes (in the cheaper order for its shapes) and feeds to
+    the fused recurrence with identity input weights."""
+    return config.attention == "ica" and config.layers == 1 and not config.bidirectional
 
 
 def build_model(config: ModelConfig) -> RecurrentClassifier:
