@@ -7,6 +7,12 @@ parsing and checks, queue wait, model, the rest). It also times captum's Salienc
 request in-process on the same model, the baseline batched explanations must beat.
 
     python benchmarks/bench_serving.py [--seconds 6] [--model NAME] [--quick]
+    python benchmarks/bench_serving.py --targets [--old 74cf6e2] [--rounds 2]
+
+`--targets` measures the speed targets side by side in one run: a floor app (benchmarks/floor_app.py,
+the least an HTTP server must do per /predict), the server of an older commit (`--old`, checked out
+into a git worktree and run with its own defaults) and this tree's server (its defaults), then captum's
+Saliency in-process; old and new alternate for `--rounds` rounds and each cell reports the mean.
 
 Writes benchmarks/results/serving.json and the table into BENCHMARKS.md (between markers).
 Loopback only; every run is bounded in time and stops by itself.
@@ -81,9 +87,10 @@ def drive(url: str, path: str, body: bytes, clients: int, seconds: float) -> dic
     wall = time.perf_counter() - start
     ok = statuses.get(200, 0)
     lat = sorted(latencies)
+    mean_ms = 1000 * statistics.fmean(latencies) if latencies else None
     mean = {k: statistics.fmean(t.get(k, 0.0) for t in timings) for k in ("parse", "queue", "model", "other")}
     return {
-        "requests": len(latencies), "ok": ok, "statuses": statuses, "rps": ok / wall,
+        "requests": len(latencies), "ok": ok, "statuses": statuses, "rps": ok / wall, "mean_ms": mean_ms,
         "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
         "server_ms": mean,
@@ -169,6 +176,136 @@ def write_markdown(results: dict) -> None:
     path.write_text(text)
 
 
+TARGET_CELLS = [("/predict", 1), ("/predict", 32), ("/explain", 1), ("/explain", 32)]
+QUEUES = {"ICASERVE_PREDICT_QUEUE_SIZE": "1024", "ICASERVE_EXPLAIN_QUEUE_SIZE": "1024",
+          "ICASERVE_REQUEST_TIMEOUT_S": "120", "ICASERVE_POLL_INTERVAL_S": "0", "ICASERVE_LOG_LEVEL": "warning"}
+
+
+def worktree(ref: str) -> Path:
+    """A checkout of `ref` beside the repository (git worktree), made once and reused."""
+    import subprocess
+
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    path = Path("/tmp") / f"icaserve-bench-{sha}"
+    if not (path / "service").is_dir():
+        subprocess.run(["git", "worktree", "add", "--force", "--detach", str(path), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    return path
+
+
+def run_targets(args: argparse.Namespace, store: ModelStore, name: str, predict_body: bytes,
+                explain_body: bytes) -> None:
+    """The speed targets of issue 10, side by side in one run (see the module docstring)."""
+    old_root = worktree(args.old)
+    seconds = args.seconds
+    bodies = {"/predict": predict_body, "/explain": explain_body}
+    cells: dict[tuple[str, str, int], list[dict]] = {}
+    floor_runs = []
+    for rnd in range(args.rounds):
+        floor = ServerProcess(args.store, {}, command=[
+            sys.executable, "-m", "uvicorn", "benchmarks.floor_app:app", "--host", "127.0.0.1", "--port", "{port}",
+            "--http", "httptools", "--no-access-log", "--log-level", "warning"], ready=("POST", "/", predict_body))
+        try:
+            drive(floor.url, "/", predict_body, 1, 1.0)
+            floor_runs.append(drive(floor.url, "/", predict_body, 1, seconds))
+        finally:
+            floor.stop()
+        for label, root in (("old", old_root), ("new", ROOT)) if rnd % 2 == 0 else (("new", ROOT), ("old", old_root)):
+            server = ServerProcess(args.store, dict(QUEUES), root=root)
+            try:
+                for path, body in bodies.items():
+                    drive(server.url, path, body, 4, 1.0)  # warm-up
+                for path, c in TARGET_CELLS:
+                    r = drive(server.url, path, bodies[path], c, seconds)
+                    cells.setdefault((label, path, c), []).append(r)
+                    console.print(f"round {rnd + 1} {label:3s} {path:9s} clients={c:3d} {r['rps']:8.1f} req/s "
+                                  f"mean {r['mean_ms']:7.2f} ms model {r['server_ms']['model']:6.2f} ms {r['statuses']}")
+            finally:
+                server.stop()
+    captum = captum_baseline(store, name, seconds)
+
+    def mean_of(runs: list[dict], key: str) -> float:
+        return statistics.fmean(r[key] for r in runs)
+
+    floor_ms = mean_of(floor_runs, "mean_ms")
+    summary = {}
+    for (label, path, c), runs in cells.items():
+        summary[f"{label} {path} {c}"] = {
+            "rps": mean_of(runs, "rps"), "mean_ms": mean_of(runs, "mean_ms"),
+            "model_ms": statistics.fmean(r["server_ms"]["model"] for r in runs),
+            "statuses": [r["statuses"] for r in runs]}
+    new1 = summary["new /predict 1"]
+    overhead = (new1["mean_ms"] - new1["model_ms"]) / floor_ms
+    old1 = summary["old /predict 1"]
+    old_overhead = (old1["mean_ms"] - old1["model_ms"]) / floor_ms
+    checks = [
+        ("/explain gradient, 32 clients / captum Saliency in-process", summary["new /explain 32"]["rps"] / captum["rps"], 1.5),
+        ("/explain gradient, 32 clients: new / old", summary["new /explain 32"]["rps"] / summary["old /explain 32"]["rps"], 2.0),
+        ("/predict, 32 clients: new / old", summary["new /predict 32"]["rps"] / summary["old /predict 32"]["rps"], 2.0),
+        ("/predict, 1 client: (latency - model) / floor latency", overhead, 1.5),
+    ]
+    table = Table(title=f"issue-10 targets: {name}, old = {args.old}, {args.rounds} round(s) x {seconds:g} s per cell")
+    for col in ("cell", "old req/s", "new req/s", "old mean ms", "new mean ms", "old model ms", "new model ms"):
+        table.add_column(col)
+    for path, c in TARGET_CELLS:
+        o, n = summary[f"old {path} {c}"], summary[f"new {path} {c}"]
+        table.add_row(f"{path} {c} client(s)", f"{o['rps']:.1f}", f"{n['rps']:.1f}", f"{o['mean_ms']:.2f}",
+                      f"{n['mean_ms']:.2f}", f"{o['model_ms']:.2f}", f"{n['model_ms']:.2f}")
+    console.print(table)
+    console.print(f"floor app, 1 client: mean {floor_ms:.2f} ms ({mean_of(floor_runs, 'rps'):.1f} req/s); "
+                  f"captum Saliency in-process: {captum['rps']:.1f} req/s; old overhead / floor {old_overhead:.2f}x")
+    for label, value, goal in checks:
+        ok = value <= goal if label.startswith("/predict, 1 client") else value >= goal
+        console.print(f"  {label}: {value:.2f}x (target {'<=' if label.startswith('/predict, 1') else '>='} {goal}x) "
+                      + ("[green]met[/]" if ok else "[red]NOT met[/]"))
+    results = {"machine": machine_line(), "model": name, "old": args.old, "rounds": args.rounds, "seconds": seconds,
+               "floor": {"mean_ms": floor_ms, "runs": floor_runs}, "captum": captum, "cells": summary,
+               "old_overhead_vs_floor": old_overhead,
+               "checks": [{"name": a, "value": b, "target": c} for a, b, c in checks]}
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serving_targets.json").write_text(json.dumps(results, indent=2, default=str))
+    write_targets_markdown(results)
+
+
+def write_targets_markdown(results: dict) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text()
+    cells = results["cells"]
+    lines = [
+        f"Generated by `python benchmarks/bench_serving.py --targets --old {results['old']} --rounds "
+        f"{results['rounds']}`. Machine: {results['machine']}. Model: `{results['model']}` (T=100, N=100), one "
+        f"sequence per request (JSON). `old` is commit {results['old']} run from a git worktree, `new` this tree, "
+        f"each with its own default settings (queues raised to 1024 for both so that no request is refused); "
+        f"they alternate over {results['rounds']} rounds of {results['seconds']:g} s per cell and each figure is "
+        "the mean. Clients are threads on the same machine, each with its own connection. `floor` is "
+        "benchmarks/floor_app.py: the same body parsed into a float32 array by a bare ASGI app under the same "
+        "uvicorn, answering two numbers.",
+        "",
+        "| cell | old req/s | new req/s | new / old | old mean ms | new mean ms | new model ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path_, c in TARGET_CELLS:
+        o, n = cells[f"old {path_} {c}"], cells[f"new {path_} {c}"]
+        lines.append(f"| {path_} {'gradient ' if path_ == '/explain' else ''}{c} client(s) | {o['rps']:.1f} | "
+                     f"{n['rps']:.1f} | {n['rps'] / o['rps']:.2f}x | {o['mean_ms']:.2f} | {n['mean_ms']:.2f} | "
+                     f"{n['model_ms']:.2f} |")
+    lines += ["", f"floor app, 1 client: mean latency **{results['floor']['mean_ms']:.2f} ms**; captum `Saliency` "
+                  f"per request in-process on the same file: **{results['captum']['rps']:.1f} explanations/s**.", "",
+              "| target | measured | goal |", "|---|---:|---:|"]
+    for chk in results["checks"]:
+        sign = "<=" if chk["name"].startswith("/predict, 1") else ">="
+        lines.append(f"| {chk['name']} | {chk['value']:.2f}x | {sign} {chk['target']}x |")
+    block = "\n".join(lines)
+    start, end = "<!-- serving-targets:start -->", "<!-- serving-targets:end -->"
+    if start in text:
+        text = text[: text.index(start) + len(start)] + "\n" + block + "\n" + text[text.index(end):]
+    else:
+        text += f"\n## Speed targets, side by side with an older commit\n\n{start}\n{block}\n{end}\n"
+    path.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")
@@ -176,6 +313,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--quick", action="store_true", help="predict only, 2 s per cell, no file writes")
+    parser.add_argument("--targets", action="store_true", help="the speed targets, side by side with --old")
+    parser.add_argument("--old", default="74cf6e2", help="the older commit for --targets")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating old/new rounds for --targets")
     args = parser.parse_args()
     store = ModelStore(args.store)
     name = args.model or store.models()[0]
@@ -188,6 +328,9 @@ def main() -> None:
         "integrated_gradients": orjson.dumps({"inputs": x.tolist(), "method": "integrated_gradients",
                                               "parameters": {"steps": 16}}),
     }
+    if args.targets:
+        run_targets(args, store, name, predict_body, explain_bodies["gradient"])
+        return
     seconds = 2.0 if args.quick else args.seconds
     clients = [int(c) for c in args.clients.split(",")]
     plan = [("/predict", "torch", b, predict_body, args.store) for b in (False, True)]

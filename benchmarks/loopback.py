@@ -28,16 +28,22 @@ class ServerProcess:
     /readyz answers 200. Its stderr is drained (a full pipe would stall the server) and its tail kept
     for error messages."""
 
-    def __init__(self, store: Path, env: dict[str, str], ready_timeout_s: float = 180.0) -> None:
+    def __init__(self, store: Path, env: dict[str, str], ready_timeout_s: float = 180.0,
+                 root: Path = ROOT, command: list[str] | None = None,
+                 ready: tuple[str, str, bytes] = ("GET", "/readyz", b"")) -> None:
+        """`root`: the source tree to run (another commit's worktree, for side-by-side runs);
+        `command`: another server to run instead of `icaserve serve` ({port} is filled in);
+        `ready`: the (method, path, body) request that answers 200 once the server is ready."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full = {k: v for k, v in os.environ.items() if not k.startswith("ICASERVE_")}
         full.update({"ICASERVE_STORE": str(store), **env})
-        full["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        full["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+        argv = [sys.executable, "-m", "icaserve.cli", "serve", "--host", "127.0.0.1", "--port", "{port}",
+                "--workers", "1"] if command is None else command
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "icaserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [a.replace("{port}", str(self.port)) for a in argv],
+            cwd=root, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._err_tail: list[bytes] = []
         threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.monotonic() + ready_timeout_s
@@ -45,7 +51,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError("server exited: " + self.log_tail()[-2000:])
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.request(ready[0], f"{self.url}{ready[1]}", content=ready[2], timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
