@@ -103,6 +103,12 @@ def reproduce(
 
 
 # -- evaluate ----------------------------------------------------------------------------------
+QUALITY_LABELS = {
+    "auc": "AUC ↑", "topk_jaccard": "top-k Jac ↑", "weighted_jaccard": "WJac ↑", "euclidean": "Euc ↓",
+    "box_time_mass": "box-time share ↑", "box_feature_mass": "box-feature share ↑",
+}
+
+
 def _load_stored(store_root: Path, name: str, version: str):
     """The store's TorchScript (checksum-verified bytes) and its manifest."""
     import torch
@@ -122,7 +128,8 @@ def _eval_data(dataset: str, n_features: int, length: int, n_test: int, seed: in
     from training.datasets import SYNTHETIC, DatasetError, load_npz, synthetic_splits
 
     if dataset in SYNTHETIC:
-        # The test split does not depend on n_train: the same samples `icaserve train` tested on.
+        # The test split does not depend on n_train: the same samples `icaserve train` tested on,
+        # which training never saw (nor selected on).
         _, test = synthetic_splits(dataset, 4, n_test, length, n_features, seed)
         return test, f"{dataset} test split (seed {seed}, {n_test} samples, T={length})"
     ds = load_npz(dataset)
@@ -131,39 +138,141 @@ def _eval_data(dataset: str, n_features: int, length: int, n_test: int, seed: in
     return ds, f"{dataset} ({len(ds)} samples)"
 
 
+def quality_table(title: str, quality: dict[str, Any]) -> Table:
+    """One row per method: the metrics of `explanation_quality`, chance levels in the caption."""
+    table = Table(title=title)
+    table.add_column("method")
+    table.add_column("n", justify="right")
+    for label in QUALITY_LABELS.values():
+        table.add_column(label, justify="right")
+    for method, m in quality["methods"].items():
+        table.add_row(method, str(m.get("n", "")), *(
+            "–" if m.get(k) is None else f"{m[k]:.3f}" for k in QUALITY_LABELS))
+    chance = quality.get("chance", {})
+    parts = [f"accuracy {quality['accuracy']:.3f} on {quality['n_samples']} samples"]
+    parts += ["chance: AUC 0.5"] + [f"{QUALITY_LABELS[k].rstrip(' ↑')} {v:.2f}" for k, v in chance.items()
+                                     if k != "auc" and v is not None]
+    table.caption = "; ".join(parts)
+    return table
+
+
+def score_model(
+    net: Any, mean: Any, std: Any, n_features: int, train_length: int, training: dict[str, Any], *,
+    dataset: Optional[str] = None, n_test: int = 300, length: Optional[int] = None, seed: Optional[int] = None,
+    samples: Optional[int] = None, methods: Optional[list[str]] = None, tsr_samples: int = 20,
+    ig_steps: int = 50, smoothgrad_samples: int = 20, batch: int = 50, report: bool = True,
+) -> tuple[dict[str, Any], str]:
+    """`explanation_quality` of a loaded model (TorchScript or eager, eval mode, standardised
+    inputs) on its dataset: by default the synthetic one it was trained on (the training block
+    names it), its held-out test split at the training seed. Returns (quality, description).
+    Raises DatasetError/ValueError for data that cannot be scored."""
+    import numpy as np
+
+    from training.datasets import DatasetError
+    from training.evaluation import QUALITY_METHODS, explanation_quality
+
+    dataset = dataset or training.get("dataset")
+    if not dataset:
+        raise DatasetError("no --dataset given and the model's training record names none")
+    seed = int(training.get("seed", 0)) if seed is None else seed
+    ds, description = _eval_data(dataset, n_features, length or train_length, n_test, seed)
+    if ds.n_features != n_features:
+        raise DatasetError(f"the data has {ds.n_features} features, the model expects {n_features}")
+    if samples is not None:
+        ds = ds.subset(np.arange(min(samples, len(ds))))
+        description += f", first {len(ds)} scored"
+    mean_a, std_a = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    X = ((ds.X - mean_a) / std_a).astype(np.float32)
+
+    def progress(method: str, scores: dict[str, Any], seconds: float) -> None:
+        if report:
+            auc = scores.get("auc")
+            console.print(f"  {method}: {scores['n']} samples, AUC {'–' if auc is None else f'{auc:.3f}'}, "
+                          f"{seconds:.1f} s")
+
+    params = {"integrated_gradients": {"steps": ig_steps},
+              "smoothgrad": {"samples": smoothgrad_samples, "noise": 0.15, "seed": 0}}
+    quality = explanation_quality(
+        net, X, ds.y, ds.masks, dataset=ds.name if dataset in _synthetic() else str(dataset), seed=seed,
+        methods=tuple(methods or QUALITY_METHODS), tsr_samples=tsr_samples, params=params, batch=batch,
+        on_method=progress)
+    quality["length"] = int(ds.n_steps)
+    return quality, description
+
+
+def checkpoint_quality(checkpoint: Path, tsr_samples: int = 20) -> dict[str, Any]:
+    """`explanation_quality` of a checkpoint on its own synthetic test split, every default method,
+    the table printed: what `icaserve export --evaluate` records. Raises DatasetError/ValueError."""
+    from training.models import inference_copy
+    from training.train import load_checkpoint
+
+    eager, ckpt = load_checkpoint(checkpoint)
+    norm = ckpt["normalization"]
+    training = ckpt.get("training", {})
+    console.print(f"scoring explanations of {checkpoint} ({eager.config.label})")
+    quality, description = score_model(inference_copy(eager), norm["mean"], norm["std"], eager.config.n_features,
+                                       ckpt["train_length"], training, n_test=300, tsr_samples=tsr_samples)
+    console.print(quality_table(f"{eager.config.label} on {description}", quality))
+    return quality
+
+
+def _synthetic() -> tuple[str, ...]:
+    from training.datasets import SYNTHETIC
+
+    return tuple(SYNTHETIC)
+
+
 def evaluate(
     model: Optional[str] = typer.Option(None, "--model", help="model name in the store"),
     version: str = typer.Option("latest", help="version number or 'latest'"),
     checkpoint: Optional[Path] = typer.Option(None, help="score a checkpoint from `icaserve train` instead"),
-    dataset: str = typer.Option(..., help="synthetic dataset name (its test split) or an .npz with `masks`"),
+    dataset: Optional[str] = typer.Option(
+        None, help="synthetic dataset (its test split) or an .npz with `masks`; default: the model's training set"),
     store: Optional[Path] = typer.Option(None, help="model store root"),
-    method: str = typer.Option("gradient", help="gradient or tsr (TSR over gradient)"),
+    method: Optional[str] = typer.Option(None, help="score only this method (see --methods)"),
+    methods: Optional[str] = typer.Option(
+        None, help="comma-separated: gradient, input_x_gradient, integrated_gradients, smoothgrad, tsr "
+        "(default: all five), occlusion"),
     n_test: int = typer.Option(300, min=2, help="synthetic data: test samples"),
     length: Optional[int] = typer.Option(None, min=1, help="synthetic data: time steps (default: training length)"),
-    seed: int = typer.Option(0, help="synthetic data: seed (the one given to `icaserve train`)"),
-    samples: Optional[int] = typer.Option(None, min=1, help="score only the first SAMPLES samples (TSR is costly)"),
+    seed: Optional[int] = typer.Option(None, help="synthetic data: seed (default: the training seed)"),
+    samples: Optional[int] = typer.Option(None, min=1, help="score only the first SAMPLES samples"),
+    tsr_samples: int = typer.Option(20, min=0, help="samples TSR scores (it costs T + ~N*T/2 passes each)"),
+    ig_steps: int = typer.Option(50, min=1, help="integrated gradients: steps (the service's default)"),
+    smoothgrad_samples: int = typer.Option(20, min=1, help="SmoothGrad: noisy copies (the service's default)"),
     batch: int = typer.Option(50, min=1, help="samples per saliency call"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the scores to this JSON file"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="also write the scores as JSON to this file ('-': stdout)"),
     publish: Optional[str] = typer.Option(
-        None, help="with --checkpoint: export it under this name with the scores in the manifest's metrics"),
+        None, help="with --checkpoint: export it under this name with the scores in its manifest"),
+    write: bool = typer.Option(
+        False, "--write", help="with --model: publish a new version of it (same files) with the scores in its manifest"),
 ) -> None:
-    """Score a model's saliency against ground-truth masks: accuracy, WJac, Euc, AUC, top-k Jaccard.
+    """Score a model's explanations against ground truth, per saliency method: ROC-AUC, top-k and
+    weighted Jaccard, Euclidean, box-time and box-feature share, with accuracy beside them.
 
-    With --checkpoint and --publish, the checkpoint is exported to the store (like `icaserve
-    export`) with the scores recorded as metrics["saliency_<method>"] in its manifest.
+    --publish (a checkpoint) or --write (a stored model; versions are immutable, so a new version
+    with the same files) records them in the manifest under `explanation_quality`.
     """
-    import numpy as np
-
-    from model_store import StoreError
+    from model_store import ModelStore, StoreError
     from training.datasets import DatasetError
-    from training.evaluation import METHODS, evaluate_saliency
+    from training.evaluation import METHODS, QUALITY_METHODS
 
     if (model is None) == (checkpoint is None):
         _fail("give exactly one of --model (a stored model) or --checkpoint")
     if publish and checkpoint is None:
-        _fail("--publish needs --checkpoint (stored versions are immutable)")
-    if method not in METHODS:
-        _fail(f"method must be one of {', '.join(METHODS)}")
+        _fail("--publish needs --checkpoint (stored versions are immutable; --write makes a new one)")
+    if write and model is None:
+        _fail("--write needs --model (for a checkpoint use --publish NAME)")
+    if method is not None and methods is not None:
+        _fail("give --method or --methods, not both")
+    chosen = [method] if method is not None else (_split(methods) or list(QUALITY_METHODS))
+    bad = [m for m in chosen if m not in METHODS]
+    if bad:
+        _fail(f"unknown method {bad[0]!r}: methods are {', '.join(METHODS)}")
+    if method == "tsr" and samples is not None:
+        tsr_samples = samples  # one method asked for by name: score all the samples asked for
+    elif method == "tsr":
+        tsr_samples = n_test
     store_root = store or _default_store()
     try:
         if model is not None:
@@ -171,6 +280,7 @@ def evaluate(
             mean, std = manifest.normalization.mean, manifest.normalization.std
             n_features = manifest.input.n_features
             train_length = manifest.input.train_length or 100
+            training = manifest.training
             source = f"{manifest.name} v{manifest.version} ({manifest.architecture.get('label')})"
         else:
             from training.models import inference_copy
@@ -180,39 +290,51 @@ def evaluate(
             net = inference_copy(eager)
             mean, std = ckpt["normalization"]["mean"], ckpt["normalization"]["std"]
             n_features, train_length = eager.config.n_features, ckpt["train_length"]
+            training = ckpt.get("training", {})
             source = f"{checkpoint} ({eager.config.label})"
-        ds, description = _eval_data(dataset, n_features, length or train_length, n_test, seed)
+        start = time.perf_counter()
+        quality, description = score_model(
+            net, mean, std, n_features, train_length, training, dataset=dataset, n_test=n_test, length=length,
+            seed=seed, samples=samples, methods=chosen, tsr_samples=tsr_samples, ig_steps=ig_steps,
+            smoothgrad_samples=smoothgrad_samples, batch=batch)
     except (StoreError, DatasetError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    if ds.n_features != n_features:
-        _fail(f"the data has {ds.n_features} features, the model expects {n_features}")
-    if samples is not None:
-        ds = ds.subset(np.arange(min(samples, len(ds))))
-        description += f", first {len(ds)} scored"
-    mean_a, std_a = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
-    X = ((ds.X - mean_a) / std_a).astype(np.float32)
-    start = time.perf_counter()
-    extra = {"chunk_size": 100} if method == "tsr" else {}
-    scores = evaluate_saliency(net, X, ds.y, ds.masks, method=method, batch=batch, **extra)
     seconds = time.perf_counter() - start
-    Console().print(_metric_table(f"{source} on {description}, {method} saliency ({seconds:.1f} s)",
-                                  [(ds.name, source, scores)]))
-    payload = {"source": source, "dataset": description, "method": method, "seconds": seconds, "scores": scores}
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(payload, indent=2) + "\n")
-        console.print(f"scores: {json_out}")
+    out = Console(stderr=json_out == "-")
+    out.print(quality_table(f"{source} on {description} ({seconds:.1f} s)", quality))
+    first = next(iter(quality["methods"]), None)
+    # "scores": the first method's metrics with accuracy, the format before per-method scoring.
+    scores = {"accuracy": quality["accuracy"], **quality["methods"][first]} if first else {}
+    payload = {"source": source, "dataset": description, "method": first, "seconds": seconds, "scores": scores,
+               "explanation_quality": quality}
+    if json_out == "-":
+        print(json.dumps(payload, indent=2))
+    elif json_out:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        console.print(f"scores: {path}")
+    if write:
+        try:
+            v = ModelStore(store_root).republish(model, version, {"explanation_quality": quality})
+        except StoreError as exc:
+            _fail(str(exc))
+        console.print(f"[green]published[/] {model} v{v} in {store_root}: the files of v{manifest.version} "
+                      "with explanation_quality in its manifest")
     if publish:
-        from model_store import ModelStore
         from training.export import ExportError, export_checkpoint
 
-        key = f"saliency_{method}"
-        metrics = {key: {**{k: float(v) for k, v in scores.items()}, "n": float(len(ds))}}
+        legacy = {}
+        if "gradient" in quality["methods"]:  # the key older clients read
+            g = quality["methods"]["gradient"]
+            legacy["saliency_gradient"] = {"accuracy": quality["accuracy"],
+                                           **{k: float(v) for k, v in g.items() if v is not None}}
         try:
-            v = export_checkpoint(ModelStore(store_root), publish, checkpoint, extra_metrics=metrics)
+            v = export_checkpoint(ModelStore(store_root), publish, checkpoint, extra_metrics=legacy,
+                                  explanation_quality=quality)
         except (ExportError, StoreError, ValueError, FileNotFoundError) as exc:
             _fail(str(exc))
-        console.print(f"[green]published[/] {publish} v{v} in {store_root} with metrics[{key!r}]")
+        console.print(f"[green]published[/] {publish} v{v} in {store_root} with explanation_quality")
 
 
 def register(app: typer.Typer) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -85,6 +86,39 @@ class Normalization(BaseModel):
     std: list[float]
 
 
+KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")  # method and metric names in explanation_quality
+
+
+class ExplanationQuality(BaseModel):
+    """How well each saliency method's explanations find the evidence, measured at publish on
+    samples with known ground truth (`icaserve evaluate`; training/evaluation.py defines the
+    metrics): {method: {metric: value}} beside the model's accuracy on the same samples. A client
+    picks the method that works for this model. A metric undefined on the samples is null."""
+
+    model_config = ConfigDict(extra="allow")
+
+    dataset: str = Field(min_length=1)
+    n_samples: int = Field(ge=1)
+    seed: int
+    accuracy: float = Field(ge=0.0, le=1.0)
+    methods: dict[str, dict[str, float | None]] = Field(min_length=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, methods: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float | None]]:
+        for method, scores in methods.items():
+            if not KEY_PATTERN.match(method):
+                raise ValueError(f"method name {method!r} must match {KEY_PATTERN.pattern}")
+            if not scores:
+                raise ValueError(f"method {method!r} has no scores")
+            for metric, value in scores.items():
+                if not KEY_PATTERN.match(metric):
+                    raise ValueError(f"metric name {metric!r} of {method} must match {KEY_PATTERN.pattern}")
+                if value is not None and not math.isfinite(value):
+                    raise ValueError(f"{method}.{metric} is {value}: scores are finite numbers or null")
+        return methods
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -101,6 +135,7 @@ class Manifest(BaseModel):
     parity: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, FileEntry]
     versions: dict[str, str] = Field(default_factory=dict)
+    explanation_quality: ExplanationQuality | None = None  # optional: older manifests lack it
 
 
 def check_name(name: str) -> str:
@@ -238,6 +273,25 @@ class ModelStore:
         return manifest
 
     # -- writing ---------------------------------------------------------------------------
+    def republish(self, name: str, version: int | str | None, changes: dict[str, Any]) -> int:
+        """A new version of `name` holding the same (checksum-verified) files as `version` and its
+        manifest with `changes` applied, e.g. an `explanation_quality` measured later: versions are
+        never rewritten. The manifest records `derived_from` (the source version)."""
+        source = self.manifest(name, version)
+        reserved = {"schema_version", "name", "version", "created_at", "files"} & set(changes)
+        if reserved:
+            raise ManifestError(f"republish cannot change {sorted(reserved)}")
+        with self.stage(name) as stage:
+            for key in source.files:
+                _, data = self.read_file(name, source.version, key)
+                (stage.dir / FILE_NAMES.get(key, source.files[key].path)).write_bytes(data)
+            record = source.model_dump()
+            for key in ("schema_version", "name", "version", "created_at", "files"):
+                record.pop(key, None)
+            stage.manifest = {**record, **changes, "derived_from": {"version": source.version}}
+        assert stage.version is not None
+        return stage.version
+
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[Staging]:
         """Write a new version; it is published when the block exits cleanly, else discarded."""

@@ -299,3 +299,48 @@ def test_failure_while_staging_publishes_nothing(tmp_path: Path, monkeypatch) ->
     assert store.versions("m") == [1]
     assert _staging_entries(store) == []
     assert sorted(p.name for p in (store.root / "m").iterdir() if not p.name.startswith(".")) == ["1"]
+
+
+# -- explanation_quality and the recipe in the manifest (issue 11) -----------------------------
+QUALITY = {"dataset": "earlier_box", "n_samples": 300, "seed": 0, "accuracy": 1.0,
+           "methods": {"gradient": {"auc": 0.94, "topk_jaccard": 0.61, "n": 300}}}
+
+
+def test_export_records_explanation_quality(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    v = _export(store, "q", _model(MEMBERS["lstm-ica-matrix"]), with_onnx=False, explanation_quality=QUALITY)
+    m = store.manifest("q", v)
+    assert m.explanation_quality is not None and m.explanation_quality.methods["gradient"]["auc"] == 0.94
+    raw = json.loads((store.version_dir("q", v) / "manifest.json").read_text())
+    assert raw["explanation_quality"] == {**QUALITY, "methods": {"gradient": {"auc": 0.94, "topk_jaccard": 0.61,
+                                                                              "n": 300.0}}}
+    assert store.manifest("q", _export(store, "q", _model(MEMBERS["lstm-ica-matrix"]),
+                                       with_onnx=False)).explanation_quality is None
+
+
+def test_invalid_explanation_quality_is_refused_before_the_slow_work(tmp_path: Path, monkeypatch) -> None:
+    def never(*_a, **_k):
+        raise AssertionError("converted a model whose manifest would be refused")
+
+    monkeypatch.setattr(export_mod, "to_torchscript", never)
+    store = ModelStore(tmp_path)
+    bad = {**QUALITY, "methods": {"gradient": {"auc": float("nan")}}}
+    with pytest.raises(ExportError, match="explanation_quality"):
+        _export(store, "q", _model(MEMBERS["lstm-ica-matrix"]), explanation_quality=bad)
+    assert store.versions("q") == []
+
+
+def test_manifest_training_block_holds_the_recipe(tmp_path: Path) -> None:
+    from training.train import TrainConfig, train_config_dict
+
+    model = _model(MEMBERS["lstm-ica-matrix"])
+    result = TrainResult(model, Standardizer(np.array(NORM["mean"], np.float32), np.array(NORM["std"], np.float32)),
+                         {"validation": {"accuracy": 1.0, "loss": 0.1}}, [], 7, 1.0, "plateau")
+    info = {"dataset": "earlier_box", **train_config_dict(TrainConfig.from_recipe("localise", lr_schedule="cosine"))}
+    ckpt = save_checkpoint(tmp_path / "c.pt", result, CLASSES, FEATURES, TRAIN_LENGTH, info)
+    store = ModelStore(tmp_path / "store")
+    tr = store.manifest("r", export_checkpoint(store, "r", ckpt, with_onnx=False)).training
+    assert (tr["recipe"], tr["optimizer"], tr["weight_decay"], tr["select"], tr["min_delta"], tr["patience"]) == (
+        "localise", "adam", 0.01, "loss", 1e-4, 20)
+    assert (tr["lr_schedule"], tr["attention_entropy"], tr["epochs"], tr["stopped"], tr["best_epoch"]) == (
+        "cosine", 0.0, 500, "plateau", 7)

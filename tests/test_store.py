@@ -438,3 +438,102 @@ def test_version_folders_are_readable_by_others(store: ModelStore) -> None:
     publish(store, "m")
     mode = os.stat(store.version_dir("m", 1)).st_mode
     assert mode & 0o055 == 0o055  # group/other can read and enter (mkdtemp's 0700 was widened)
+
+
+# -- explanation_quality (issue 11) -----------------------------------------------------------
+def _quality(**changes) -> dict:
+    q = {"dataset": "earlier_box", "n_samples": 300, "seed": 0, "accuracy": 1.0,
+         "methods": {"gradient": {"auc": 0.94, "topk_jaccard": 0.61, "box_time_mass": 0.48, "euclidean": None,
+                                  "n": 300},
+                     "tsr": {"auc": 0.95, "n": 20}},
+         "chance": {"auc": 0.5, "box_time_mass": 0.3}}
+    q.update(changes)
+    return q
+
+
+def test_explanation_quality_round_trips(store: ModelStore) -> None:
+    with store.stage("m") as stage:
+        (stage.dir / "model.ts").write_bytes(b"ts")
+        stage.manifest = {**_manifest_fields(), "explanation_quality": _quality()}
+    m = store.manifest("m")
+    q = m.explanation_quality
+    assert q is not None and q.dataset == "earlier_box" and q.n_samples == 300 and q.accuracy == 1.0
+    assert q.methods["gradient"]["auc"] == pytest.approx(0.94) and q.methods["gradient"]["euclidean"] is None
+    assert q.methods["tsr"]["n"] == 20
+    on_disk = json.loads((store.version_dir("m") / MANIFEST).read_text())
+    assert on_disk["explanation_quality"]["methods"] == _quality()["methods"]
+    assert on_disk["explanation_quality"]["chance"] == {"auc": 0.5, "box_time_mass": 0.3}  # extra keys kept
+
+
+def test_manifest_without_explanation_quality_stays_valid(store: ModelStore) -> None:
+    publish(store, "m")
+    path = store.version_dir("m", 1) / MANIFEST
+    data = json.loads(path.read_text())
+    data.pop("explanation_quality", None)  # a manifest written before the field existed
+    path.write_text(json.dumps(data))
+    assert store.manifest("m", 1).explanation_quality is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"accuracy": 1.5},
+        {"n_samples": 0},
+        {"methods": {}},
+        {"methods": {"gradient": {}}},
+        {"methods": {"Gradient!": {"auc": 0.5}}},
+        {"methods": {"gradient": {"auc": float("nan")}}},
+        {"methods": {"gradient": {"auc": float("inf")}}},
+        {"methods": {"gradient": {"auc": "high"}}},
+        {"dataset": ""},
+    ],
+    ids=["accuracy>1", "no samples", "no methods", "empty method", "bad name", "nan", "inf", "text", "no dataset"],
+)
+def test_invalid_explanation_quality_is_refused(store: ModelStore, bad: dict) -> None:
+    with pytest.raises(ManifestError, match="explanation_quality"):
+        with store.stage("m") as stage:
+            (stage.dir / "model.ts").write_bytes(b"ts")
+            stage.manifest = {**_manifest_fields(), "explanation_quality": _quality(**bad)}
+    assert store.versions("m") == []
+    # ... and a reader refuses it written by hand too
+    publish(store, "m")
+    path = store.version_dir("m", 1) / MANIFEST
+    data = json.loads(path.read_text())
+    data["explanation_quality"] = _quality(**bad)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="invalid"):
+        store.manifest("m", 1)
+
+
+def test_missing_required_quality_field_is_refused(store: ModelStore) -> None:
+    q = _quality()
+    del q["seed"]
+    with pytest.raises(ManifestError, match="seed"):
+        with store.stage("m") as stage:
+            (stage.dir / "model.ts").write_bytes(b"ts")
+            stage.manifest = {**_manifest_fields(), "explanation_quality": q}
+
+
+def test_republish_makes_a_new_version_with_the_same_files(store: ModelStore) -> None:
+    publish(store, "m", b"weights", onnx=b"graph", tag="first")
+    v = store.republish("m", 1, {"explanation_quality": _quality()})
+    assert v == 2 and store.versions("m") == [1, 2]
+    old, new = store.verify("m", 1), store.verify("m", 2)
+    assert old.explanation_quality is None  # version 1 is never rewritten
+    assert new.explanation_quality is not None and new.explanation_quality.methods["gradient"]["auc"] == 0.94
+    assert {k: f.sha256 for k, f in new.files.items()} == {k: f.sha256 for k, f in old.files.items()}
+    assert new.description == "first" and new.normalization == old.normalization
+    assert new.model_dump()["derived_from"] == {"version": 1}
+    with pytest.raises(ManifestError, match="cannot change"):
+        store.republish("m", 1, {"version": 7})
+    with pytest.raises(ManifestError, match="explanation_quality"):
+        store.republish("m", 1, {"explanation_quality": _quality(accuracy=2.0)})
+    assert store.versions("m") == [1, 2]
+
+
+def test_republish_refuses_a_damaged_source(store: ModelStore) -> None:
+    publish(store, "m", b"weights")
+    (store.version_dir("m", 1) / "model.ts").write_bytes(b"weightz")
+    with pytest.raises(ChecksumMismatch):
+        store.republish("m", 1, {"explanation_quality": _quality()})
+    assert store.versions("m") == [1]

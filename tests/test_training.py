@@ -20,11 +20,14 @@ import torch
 
 from training.datasets import Dataset, synthetic_splits, train_val_split
 from training.models import ModelConfig
+from training.datasets import Standardizer
 from training.train import (
     CHECKPOINT_FORMAT,
     TrainConfig,
     TrainResult,
+    attention_entropy,
     load_checkpoint,
+    recipe_for,
     save_checkpoint,
     train,
 )
@@ -62,7 +65,7 @@ def test_tiny_ica_lstm_learns_earlier_box(trained: TrainResult) -> None:
     assert next(trained.model.parameters()).device.type == "cpu"
     assert trained.seconds > 0
     assert 1 <= trained.best_epoch <= len(trained.history) <= 8
-    keys = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"}
+    keys = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"}
     assert all(set(row) == keys for row in trained.history)
     assert [row["epoch"] for row in trained.history] == list(range(1, len(trained.history) + 1))
 
@@ -173,6 +176,163 @@ def test_seed_makes_runs_repeatable(data) -> None:
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()):
         assert torch.equal(x, y)
     assert any(not torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), c.model.state_dict().values()))
+
+
+# -- recipe flags (issue 11) ------------------------------------------------------------------
+def _weight_norm(model) -> float:
+    return float(sum(p.detach().pow(2).sum() for p in model.parameters()).sqrt())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_weight_decay_shrinks_weights(data, optimizer: str) -> None:
+    """Same seed, same data, same steps: weight decay (coupled L2 for adam, decoupled for adamw)
+    ends with smaller weights than none; the optimizer in use is the one asked for."""
+    fit, val, _ = data
+    base = dict(epochs=4, patience=10, optimizer=optimizer)
+    plain = train(TINY, fit, val, _cfg(**base, weight_decay=0.0))
+    # adamw shrinks by (1 - lr * wd) a step (24 steps here); adam's L2 acts through the gradient
+    decayed = train(TINY, fit, val, _cfg(**base, weight_decay=0.5 if optimizer == "adam" else 5.0))
+    assert _weight_norm(decayed.model) < 0.9 * _weight_norm(plain.model)
+
+
+def test_adamw_decay_is_decoupled(data) -> None:
+    """With lr * wd = 0.5 per step, AdamW multiplies every weight by (1 - 0.5) before its Adam step,
+    which adam's L2 term (normalised away by its second moment) does not: the two differ."""
+    fit, val, _ = data
+    a = train(TINY, fit, val, _cfg(epochs=1, optimizer="adam", weight_decay=50.0))
+    w = train(TINY, fit, val, _cfg(epochs=1, optimizer="adamw", weight_decay=50.0))
+    assert _weight_norm(w.model) < 0.5 * _weight_norm(a.model)
+
+
+def test_plateau_stop_ends_before_the_cap_and_restores_the_best_epoch(data) -> None:
+    """select="loss" with a min_delta no epoch can beat: the first epoch stays best, training stops
+    `patience` epochs later, far below the cap, and the weights are the first epoch's."""
+    fit, val, _ = data
+    result = train(TINY, fit, val, _cfg(epochs=200, patience=3, select="loss", min_delta=10.0))
+    assert result.stopped == "plateau"
+    assert result.best_epoch == 1 and len(result.history) == 4
+    assert result.metrics["validation"]["loss"] == pytest.approx(result.history[0]["val_loss"], rel=1e-4)
+
+
+def test_min_delta_counts_only_large_enough_drops(data) -> None:
+    fit, val, _ = data
+    delta = 0.02
+    result = train(TINY, fit, val, _cfg(lr=1e-2, epochs=12, patience=12, select="loss", min_delta=delta))
+    best, best_epoch = float("inf"), 0
+    for row in result.history:  # the rule, replayed on the recorded validation losses
+        if row["val_loss"] < best - delta:
+            best, best_epoch = row["val_loss"], row["epoch"]
+    assert result.best_epoch == best_epoch
+    assert result.metrics["validation"]["loss"] == pytest.approx(best, rel=1e-4)
+    assert result.stopped == "cap" and len(result.history) == 12
+
+
+def test_cosine_schedule_anneals_to_lr_min(data) -> None:
+    fit, val, _ = data
+    result = train(TINY, fit, val, _cfg(lr=1e-2, epochs=4, lr_schedule="cosine", lr_min=1e-4))
+    lrs = [row["lr"] for row in result.history]
+    expected = [1e-4 + (1e-2 - 1e-4) * (1 + np.cos(np.pi * e / 4)) / 2 for e in range(4)]
+    assert lrs == pytest.approx(expected)
+    none = train(TINY, fit, val, _cfg(lr=1e-2, epochs=3))
+    assert [row["lr"] for row in none.history] == [1e-2] * 3
+
+
+def test_plateau_schedule_halves_the_lr_when_validation_stalls(data) -> None:
+    """Flipped validation labels: the better the model learns, the worse the validation loss, so
+    it stalls at once and the plateau schedule halves the rate after every lr_patience + 1 stale epochs."""
+    fit, val, _ = data
+    flipped = Dataset(val.X, 1 - val.y, val.class_names, val.feature_names, val.masks, "flipped-val")
+    result = train(TINY, fit, flipped, _cfg(lr=1e-2, epochs=6, patience=10, lr_schedule="plateau", lr_patience=1))
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[0] == 1e-2 and min(lrs) <= 0.5e-2
+    assert all(b in (a, a / 2) for a, b in zip(lrs, lrs[1:]))  # only ever halved
+
+
+def _explicit_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """The same quantity from the (B, r, T, T) attention matrices, for checking."""
+    b, t, r = scores.shape
+    e = scores.double().transpose(1, 2).unsqueeze(2).expand(b, r, t, t)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    a = torch.softmax(e.masked_fill(~causal, float("-inf")), dim=-1)  # (B, r, T, T)
+    h = -(torch.where(a > 0, a * a.log(), torch.zeros_like(a))).sum(-1)  # (B, r, T)
+    norm = torch.log(torch.arange(1, t + 1, dtype=torch.float64))
+    return (h[..., 1:] / norm[1:]).mean()
+
+
+def test_attention_entropy_equals_the_explicit_computation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 9, 4, generator=gen) * 5
+    assert float(attention_entropy(scores)) == pytest.approx(float(_explicit_entropy(scores)), rel=1e-5)
+    # uniform attention has entropy log(t+1) in every row: normalised, exactly 1; one-hot-like: ~0
+    assert float(attention_entropy(torch.zeros(2, 7, 3))) == pytest.approx(1.0)
+    peaked = torch.zeros(1, 6, 1)
+    peaked[0, 0, 0] = 200.0  # every row's mass on step 0
+    assert float(attention_entropy(peaked)) < 1e-6
+    assert float(attention_entropy(torch.zeros(2, 1, 3))) == 0.0  # one step: nothing to spread
+    # differentiable, finite for extreme scores (float64 inside)
+    s = (torch.randn(2, 30, 3, generator=gen) * 40).requires_grad_(True)
+    attention_entropy(s).backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_attention_entropy_penalty_sharpens_the_attention(data) -> None:
+    fit, val, _ = data
+    x = torch.from_numpy(Standardizer.fit(fit.X).apply(val.X))
+    plain = train(TINY, fit, val, _cfg(epochs=3))
+    sharp = train(TINY, fit, val, _cfg(epochs=3, attention_entropy=5.0))
+    with torch.no_grad():
+        h_plain = float(attention_entropy(plain.model.encoder.scores(x)))
+        h_sharp = float(attention_entropy(sharp.model.encoder.scores(x)))
+    assert h_sharp < h_plain - 0.05
+    assert "train_attention_entropy" in sharp.history[0] and "train_attention_entropy" not in plain.history[0]
+    with pytest.raises(ValueError, match="input-cell attention"):
+        train(ModelConfig(n_features=N), fit, val, _cfg(epochs=1, attention_entropy=1.0))
+
+
+def test_recipes_and_config_validation() -> None:
+    loc = TrainConfig.from_recipe("localise")
+    assert (loc.recipe, loc.optimizer, loc.weight_decay, loc.select, loc.epochs) == ("localise", "adam", 1e-2, "loss", 500)
+    assert loc.min_delta > 0 and loc.patience >= 15
+    classic = TrainConfig.from_recipe("classic", epochs=7, weight_decay=None)  # None: not given
+    assert (classic.epochs, classic.weight_decay, classic.select, classic.optimizer) == (7, 0.0, "accuracy", "adam")
+    assert recipe_for("ica") == "localise" and recipe_for("none") == "classic" and recipe_for("self") == "classic"
+    with pytest.raises(ValueError, match="recipe"):
+        TrainConfig.from_recipe("fastest")
+    for bad in ({"optimizer": "sgd"}, {"select": "f1"}, {"lr_schedule": "step"}, {"weight_decay": -1.0},
+                {"min_delta": float("nan")}, {"epochs": 0}, {"attention_entropy": float("inf")}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
+def test_cli_train_records_the_recipe_in_checkpoint_and_manifest(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from icaserve.cli import app
+    from model_store import ModelStore
+
+    args = ["train", "--dataset", "earlier_box", "--length", "10", "--features", "5", "--n-train", "60",
+            "--n-test", "10", "--hops", "2", "--d-a", "4", "--hidden", "3", "--device", "cpu",
+            "--epochs", "2", "--lr-schedule", "cosine", "--attention-entropy", "0.1",
+            "--out", str(tmp_path / "m.pt"), "--export", "recipe-model", "--store", str(tmp_path / "store")]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    _, ckpt = load_checkpoint(tmp_path / "m.pt")
+    tr = ckpt["training"]
+    assert tr["recipe"] == "localise"  # the default for an ICA model
+    assert (tr["optimizer"], tr["weight_decay"], tr["select"], tr["lr_schedule"], tr["attention_entropy"]) == (
+        "adam", 1e-2, "loss", "cosine", 0.1)
+    assert tr["epochs"] == 2 and tr["stopped"] == "cap" and tr["min_delta"] == 1e-4
+    manifest = ModelStore(tmp_path / "store").manifest("recipe-model")
+    for key in ("recipe", "optimizer", "weight_decay", "patience", "min_delta", "select", "lr_schedule",
+                "attention_entropy", "epochs", "stopped", "best_epoch"):
+        assert manifest.training[key] == tr[key], key
+
+    plain = CliRunner().invoke(app, [*args[:17], "--attention", "none", "--epochs", "1", "--out", str(tmp_path / "p.pt")])
+    assert plain.exit_code == 0, plain.output
+    assert load_checkpoint(tmp_path / "p.pt")[1]["training"]["recipe"] == "classic"
+    for bad in (["--optimizer", "sgd"], ["--recipe", "fastest"], ["--attention", "none", "--attention-entropy", "1"]):
+        res = CliRunner().invoke(app, [*args[:17], *bad, "--epochs", "1", "--out", str(tmp_path / "x.pt")])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
 
 
 # -- DDP --------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ min-max scaled to [0, 1] over the whole T x N matrix:
 - top-k Jaccard      |top_k(S) & R| / |top_k(S) | R| with k = |R|     in [0, 1]
 - box-time mass      share of S's mass on the time steps the box covers (not in the paper: the
                      time-only view of its claim; uniform saliency scores the box's share of steps)
+- box-feature mass   share of S's mass on the features the box covers (any time step; uniform
+                     saliency scores the box's share of features)
 
 each averaged over the samples where it is defined (a sample whose mask is empty has no
 Euclidean; one whose mask is empty or full has no AUC). A constant saliency map (e.g. all zeros)
@@ -17,19 +19,31 @@ a map with ties at the k-th value is not unique; ties are broken by position (st
 constant map gets the first k cells.
 
 `evaluate_saliency` computes the saliency (the `attribution` package) in batches and scores it,
-together with the model's accuracy on the same samples.
+together with the model's accuracy on the same samples. `explanation_quality` does that for
+several methods with the service's default parameters (the numbers are what /explain serves) and
+returns the record the manifest keeps under `explanation_quality` (model_store.store).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-METRICS = ("weighted_jaccard", "euclidean", "auc", "topk_jaccard", "box_time_mass")
-METHODS = ("gradient", "tsr")
+METRICS = ("weighted_jaccard", "euclidean", "auc", "topk_jaccard", "box_time_mass", "box_feature_mass")
+#: Every method evaluation can compute (the attribution registry's).
+METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "occlusion", "tsr")
+#: What `icaserve evaluate` scores by default: the gradient family and TSR (on a subset, it is costly).
+QUALITY_METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "tsr")
+#: The service's defaults (README, /explain parameters), so the scores describe what it serves.
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "integrated_gradients": {"steps": 50},
+    "smoothgrad": {"samples": 20, "noise": 0.15, "seed": 0},
+    "tsr": {"base_method": "gradient", "threshold_quantile": 0.55, "feature_default": 0.1},
+}
 
 
 # -- per-sample metrics ------------------------------------------------------------------------
@@ -104,6 +118,7 @@ def score_saliency(saliency: np.ndarray, masks: np.ndarray) -> dict[str, float]:
         "auc": roc_auc(R, S),
         "topk_jaccard": topk_jaccard(R, S),
         "box_time_mass": box_time_mass(R, S),
+        "box_feature_mass": box_feature_mass(R, S),
     }
     out = {name: _nanmean(v) for name, v in per_sample.items()}
     out["n"] = float(len(S))
@@ -122,6 +137,30 @@ def box_time_mass(R: np.ndarray, S: np.ndarray) -> np.ndarray:
     inside = (per_step * steps).sum(axis=1)
     ok = (total > 0) & steps.any(axis=1)
     return np.divide(inside, total, out=np.full(len(R), np.nan), where=ok)
+
+
+def box_feature_mass(R: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Per sample, the share of saliency mass on the features the box covers (any time step);
+    NaN where the map is all zero or the mask empty. The feature-only view: uniform saliency
+    scores the box's share of features."""
+    R, S = np.asarray(R, dtype=bool), np.abs(np.asarray(S, dtype=np.float64))
+    feats = R.any(axis=1)  # (S, N)
+    per_feature = S.sum(axis=1)
+    total = per_feature.sum(axis=1)
+    inside = (per_feature * feats).sum(axis=1)
+    ok = (total > 0) & feats.any(axis=1)
+    return np.divide(inside, total, out=np.full(len(R), np.nan), where=ok)
+
+
+def chance_levels(masks: np.ndarray) -> dict[str, float]:
+    """What an even spread of saliency scores: AUC 0.5, and the box's mean share of time steps
+    and of features (the chance level of box_time_mass and box_feature_mass)."""
+    R = np.asarray(masks, dtype=bool)
+    steps = R.any(axis=2).mean(axis=1)
+    feats = R.any(axis=1).mean(axis=1)
+    has = R.reshape(len(R), -1).any(axis=1)
+    return {"auc": 0.5, "box_time_mass": _nanmean(np.where(has, steps, np.nan)),
+            "box_feature_mass": _nanmean(np.where(has, feats, np.nan))}
 
 
 def time_profile(saliency: np.ndarray) -> np.ndarray:
@@ -167,11 +206,12 @@ def compute_saliency(
 ) -> np.ndarray:
     """Raw attribution (S, T, N) of each sample's true class y, `batch` samples per call.
 
-    method: "gradient" (saliency) or "tsr" (Temporal Saliency Rescaling over `base`, default
-    gradient); other params go to the attribution method. `forward` must be in the mode that is
-    to be explained (eval, dropout off) and take standardised inputs.
+    method: a key of the attribution registry (METHODS); for "tsr" the base method is
+    `base_method` (or `base`, the older name; default gradient). Other params go to the method.
+    `forward` must be in the mode that is to be explained (eval, dropout off) and take
+    standardised inputs.
     """
-    from attribution import attribute, tsr
+    from attribution import attribute
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -180,14 +220,12 @@ def compute_saliency(
     if len(X) != len(targets):
         raise ValueError(f"{len(X)} samples but {len(targets)} labels")
     params = dict(params)
-    base = params.pop("base", "gradient")
+    if method == "tsr" and "base" in params:
+        params["base_method"] = params.pop("base")
     parts = []
     for start in range(0, len(X), batch):
         xb, tb = X[start : start + batch], targets[start : start + batch]
-        if method == "tsr":
-            a = tsr(base, forward, xb, tb, **params)
-        else:
-            a = attribute(method, forward, xb, tb, **params)
+        a = attribute(method, forward, xb, tb, **params)
         parts.append(a[:, 0].detach().cpu().numpy())
     return np.concatenate(parts, axis=0) if parts else np.zeros((0, *X.shape[1:]), dtype=np.float32)
 
@@ -214,9 +252,64 @@ def evaluate_saliency(
 ) -> dict[str, float]:
     """Accuracy and the saliency metrics of `forward` on standardised inputs X_std (S, T, N) with
     labels y and ground-truth masks (S, T, N); keys: accuracy, weighted_jaccard, euclidean, auc,
-    topk_jaccard, box_time_mass, n."""
+    topk_jaccard, box_time_mass, box_feature_mass, n."""
     masks = np.asarray(masks)
     if masks.shape != tuple(np.shape(X_std)):
         raise ValueError(f"masks {masks.shape} must have the inputs' shape {tuple(np.shape(X_std))}")
     saliency = compute_saliency(forward, X_std, y, method, batch, **params)
     return {"accuracy": accuracy(forward, X_std, y), **score_saliency(saliency, masks)}
+
+
+def explanation_quality(
+    forward: Callable[[Tensor], Tensor],
+    X_std: np.ndarray | Tensor,
+    y: np.ndarray | Tensor,
+    masks: np.ndarray,
+    *,
+    dataset: str,
+    seed: int,
+    methods: tuple[str, ...] | list[str] = QUALITY_METHODS,
+    tsr_samples: int = 20,
+    params: dict[str, dict[str, Any]] | None = None,
+    batch: int = 50,
+    on_method: Callable[[str, dict[str, float], float], None] | None = None,
+) -> dict[str, Any]:
+    """Saliency quality per method, as the manifest's `explanation_quality` records it:
+
+        {"dataset", "n_samples", "seed", "accuracy", "methods": {method: {metric: value, "n": scored}},
+         "parameters": {method: params}, "chance": {metric: value}}
+
+    Every method scores the true class of the same samples; TSR (hundreds of passes a sample)
+    only the first `tsr_samples` (0: TSR is skipped). An undefined metric is None, never NaN.
+    `on_method(name, scores, seconds)` is called after each method (progress for a CLI).
+    """
+    import time
+
+    masks = np.asarray(masks)
+    if masks.shape != tuple(np.shape(X_std)):
+        raise ValueError(f"masks {masks.shape} must have the inputs' shape {tuple(np.shape(X_std))}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {list(methods)!r}")
+    params = {**DEFAULT_PARAMS, **(params or {})}
+    X_std = np.asarray(X_std, dtype=np.float32)
+    y = np.asarray(y)
+    out: dict[str, Any] = {"dataset": dataset, "n_samples": int(len(X_std)), "seed": int(seed),
+                           "accuracy": accuracy(forward, X_std, y), "methods": {}, "parameters": {}}
+    for method in methods:
+        n = min(tsr_samples, len(X_std)) if method == "tsr" else len(X_std)
+        if n == 0:
+            continue
+        method_params = dict(params.get(method, {}))
+        extra = {"chunk_size": 100} if method == "tsr" else {}
+        start = time.perf_counter()
+        saliency = compute_saliency(forward, X_std[:n], y[:n], method, batch, **method_params, **extra)
+        scores = score_saliency(saliency, masks[:n])
+        seconds = time.perf_counter() - start
+        out["methods"][method] = {k: (None if math.isnan(v) else float(v)) for k, v in scores.items() if k != "n"}
+        out["methods"][method]["n"] = int(n)
+        out["parameters"][method] = method_params
+        if on_method is not None:
+            on_method(method, out["methods"][method], seconds)
+    out["chance"] = {k: (None if math.isnan(v) else v) for k, v in chance_levels(masks).items()}
+    return out

@@ -16,7 +16,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from pydantic import ValidationError
+
 from model_store import ModelStore, check_name
+from model_store.store import ExplanationQuality
 from training.models import RecurrentClassifier, inference_copy
 
 ATOL_OUTPUT = 1e-5
@@ -150,9 +153,18 @@ def export_model(
     training: dict[str, Any] | None = None,
     description: str = "",
     with_onnx: bool = True,
+    explanation_quality: dict[str, Any] | None = None,
 ) -> int:
-    """Publish `model` as the next version of `name`; returns the version number."""
+    """Publish `model` as the next version of `name`; returns the version number.
+
+    `explanation_quality` (training.evaluation.explanation_quality) goes into the manifest as is;
+    the store validates it and refuses the version if it is malformed."""
     check_name(name)  # refuse before the slow work
+    if explanation_quality is not None:
+        try:
+            ExplanationQuality.model_validate(explanation_quality)
+        except ValidationError as exc:
+            raise ExportError(f"explanation_quality is invalid: {exc}") from None
     cfg = model.config
     if len(class_names) != cfg.n_classes:
         raise ExportError(f"{len(class_names)} class names for a model with {cfg.n_classes} classes")
@@ -184,6 +196,8 @@ def export_model(
             "parity": parity.as_dict(),
             "versions": library_versions(),
         }
+        if explanation_quality is not None:
+            stage.manifest["explanation_quality"] = explanation_quality
     assert stage.version is not None
     return stage.version
 
@@ -191,6 +205,7 @@ def export_model(
 def export_checkpoint(
     store: ModelStore, name: str, checkpoint: str | Path, *, max_length: int | None = None,
     extra_metrics: dict[str, dict[str, float]] | None = None, with_onnx: bool = True,
+    explanation_quality: dict[str, Any] | None = None,
 ) -> int:
     from training.train import load_checkpoint
 
@@ -207,4 +222,5 @@ def export_checkpoint(
         metrics={**ckpt["metrics"], **(extra_metrics or {})},
         training=ckpt["training"],
         with_onnx=with_onnx,
+        explanation_quality=explanation_quality,
     )
