@@ -35,7 +35,8 @@ ENV ICASERVE_STORE=/app/model_store \
     ICASERVE_LOG_JSON=true
 
 USER icaserve
-EXPOSE 8000
+# HTTP (JSON API, V2 REST, KServe V1, /metrics, /viewer) and V2 over gRPC
+EXPOSE 8000 8081
 
 # Ready = the default model is loaded and warmed up (python: the slim image has no curl).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -46,10 +46,22 @@ def train(
     dropout: float = typer.Option(0.1, min=0.0, max=0.99),
     r: int = typer.Option(20, "--hops", min=1, help="attention hops r (not --r: torchrun would take that)"),
     d_a: int = typer.Option(50, min=1, help="attention hidden size"),
-    epochs: int = typer.Option(100, min=1),
+    recipe: str = typer.Option(
+        "auto", help="auto (localise for ICA models, classic otherwise), localise (Adam, L2 weight decay 1e-2, "
+        "train to a validation-loss plateau) or classic (Adam, no weight decay, select on accuracy); "
+        "the flags below override it"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="epoch cap (recipe: localise 500, classic 100)"),
     batch_size: int = typer.Option(50, min=1),
     lr: float = typer.Option(1e-3, min=0.0),
-    patience: int = typer.Option(15, min=1, help="early stopping: epochs without validation improvement"),
+    optimizer: Optional[str] = typer.Option(None, help="adam (coupled L2) or adamw (decoupled weight decay)"),
+    weight_decay: Optional[float] = typer.Option(None, min=0.0, help="weight decay (recipe: localise 1e-2, classic 0)"),
+    patience: Optional[int] = typer.Option(
+        None, min=1, help="early stopping: epochs without validation improvement (localise 20, classic 15)"),
+    min_delta: Optional[float] = typer.Option(None, min=0.0, help="smallest validation-loss drop that counts"),
+    select: Optional[str] = typer.Option(None, help="improvement by validation loss or accuracy (ties by loss)"),
+    lr_schedule: Optional[str] = typer.Option(None, help="none, cosine (over the epoch cap) or plateau (halve)"),
+    attention_entropy: Optional[float] = typer.Option(
+        None, min=0.0, help="weight of the ICA attention-entropy penalty (0: off)"),
     val_fraction: float = typer.Option(0.2, min=0.01, max=0.9),
     seed: int = typer.Option(0),
     n_train: int = typer.Option(1000, min=4, help="synthetic data: training samples"),
@@ -59,12 +71,13 @@ def train(
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda"),
     out: Optional[Path] = typer.Option(None, help="checkpoint path (default runs/<dataset>-<model>.pt)"),
     export: Optional[str] = typer.Option(None, help="also publish the trained model under this name"),
+    evaluate: bool = typer.Option(False, "--evaluate", help="with --export: record explanation quality (see export)"),
     store: Path = typer.Option(DEFAULT_STORE, help="model store root (for --export)"),
 ) -> None:
     """Train a classifier; selects on a validation split, reports test accuracy when there is a test set."""
     from training.datasets import DatasetError, load, train_val_split
     from training.models import ModelConfig
-    from training.train import TrainConfig, save_checkpoint, train_config_dict
+    from training.train import TrainConfig, recipe_for, save_checkpoint, train_config_dict
     from training.train import train as run_training
 
     if export:
@@ -84,7 +97,15 @@ def train(
         )
     except (DatasetError, ValueError) as exc:
         _fail(str(exc))
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed, device=device)
+    try:
+        cfg = TrainConfig.from_recipe(
+            recipe_for(attention) if recipe == "auto" else recipe, epochs=epochs, batch_size=batch_size, lr=lr,
+            optimizer=optimizer, weight_decay=weight_decay, patience=patience, min_delta=min_delta, select=select,
+            lr_schedule=lr_schedule, attention_entropy=attention_entropy, seed=seed, device=device)
+        if cfg.attention_entropy > 0 and attention != "ica":
+            raise ValueError("--attention-entropy needs --attention ica")
+    except ValueError as exc:
+        _fail(str(exc))
     result = run_training(config, fit_ds, val_ds, cfg, test_ds, description=f"{config.label} on {train_ds.name}")
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, only rank 0 writes
@@ -93,11 +114,11 @@ def train(
     info = {"dataset": dataset, "val_fraction": val_fraction, "n_train": len(fit_ds), "n_val": len(val_ds),
             **train_config_dict(cfg)}
     save_checkpoint(path, result, train_ds.class_names, train_ds.feature_names, train_ds.n_steps, info)
-    _print_metrics(result.metrics, f"{config.label} on {train_ds.name} (best epoch {result.best_epoch}, "
-                   f"{result.seconds:.1f} s)")
+    _print_metrics(result.metrics, f"{config.label} on {train_ds.name}, recipe {cfg.recipe} (best epoch "
+                   f"{result.best_epoch} of {len(result.history)}, stopped at {result.stopped}, {result.seconds:.1f} s)")
     console.print(f"checkpoint: {path}")
     if export:
-        _export(store, export, path)
+        _export(store, export, path, evaluate=evaluate)
 
 
 def _print_metrics(metrics: dict[str, dict[str, float]], title: str) -> None:
@@ -112,16 +133,23 @@ def _print_metrics(metrics: dict[str, dict[str, float]], title: str) -> None:
 
 
 def _export(store_root: Path, name: str, checkpoint: Path, max_length: Optional[int] = None,
-            with_onnx: bool = True) -> int:
+            with_onnx: bool = True, evaluate: bool = False) -> int:
     from model_store import ModelStore, StoreError
+    from training.datasets import DatasetError
     from training.export import ExportError, export_checkpoint
 
     try:
+        quality = None
+        if evaluate:  # explanation quality per method on the checkpoint's own synthetic test split
+            from icaserve.research import checkpoint_quality
+
+            quality = checkpoint_quality(checkpoint)
         version = export_checkpoint(ModelStore(store_root), name, checkpoint, max_length=max_length,
-                                    with_onnx=with_onnx)
-    except (ExportError, StoreError, ValueError, FileNotFoundError) as exc:
+                                    with_onnx=with_onnx, explanation_quality=quality)
+    except (ExportError, StoreError, DatasetError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    console.print(f"[green]published[/] {name} v{version} in {store_root}")
+    console.print(f"[green]published[/] {name} v{version} in {store_root}"
+                  + (" with explanation_quality" if evaluate else ""))
     return version
 
 
@@ -132,9 +160,12 @@ def export_cmd(
     store: Path = typer.Option(DEFAULT_STORE, help="model store root"),
     max_length: Optional[int] = typer.Option(None, min=1, help="longest sequence the service accepts"),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="also write an ONNX file for /predict"),
+    evaluate: bool = typer.Option(
+        False, "--evaluate", help="score explanation quality per method on the training set's synthetic test "
+        "split and record it in the manifest (explanation_quality)"),
 ) -> None:
     """Publish a checkpoint as the next version of a model (parity-checked, atomic)."""
-    _export(store, name, checkpoint, max_length, onnx)
+    _export(store, name, checkpoint, max_length, onnx, evaluate)
 
 
 @app.command()
@@ -182,6 +213,10 @@ def serve(
     max_batch_size: Optional[int] = typer.Option(None, min=1, help="[ICASERVE_MAX_BATCH_SIZE, default 32]"),
     max_wait_ms: Optional[float] = typer.Option(None, min=0, help="[ICASERVE_MAX_WAIT_MS, default 0]"),
     log_json: Optional[bool] = typer.Option(None, "--log-json/--log-text", help="[ICASERVE_LOG_JSON]"),
+    grpc_port: Optional[int] = typer.Option(None, min=0, max=65535,
+                                            help="Open Inference Protocol gRPC port [ICASERVE_GRPC_PORT, default 8081]"),
+    grpc: Optional[bool] = typer.Option(None, "--grpc/--no-grpc", help="serve gRPC beside HTTP [ICASERVE_GRPC_ENABLED, "
+                                        "default on]"),
 ) -> None:
     """Serve /predict, /explain and the Open Inference Protocol over the model store (uvicorn).
 
@@ -192,7 +227,8 @@ def serve(
 
     flags = {"host": host, "port": port, "store": store, "workers": workers, "device": device,
              "default_model": default_model, "predict_backend": backend, "batching": batching,
-             "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "log_json": log_json}
+             "max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "log_json": log_json,
+             "grpc_port": grpc_port, "grpc_enabled": grpc}
     for key, value in flags.items():
         if value is not None:
             os.environ[f"ICASERVE_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
@@ -235,6 +271,185 @@ def serve(
     finally:
         if own_mp_dir is not None:  # ours, made above: leave no temp folder behind
             shutil.rmtree(own_mp_dir, ignore_errors=True)
+
+
+# -- predict / explain: a file against a running service or the local store ---------------------
+
+def _auth(api_key: Optional[str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class _Service:
+    """The JSON API of a running service (`--url`, httpx) or of the local store served in this
+    process (`--store`: the service's own app, so models load, are checked and answer exactly as
+    they do when served, errors included)."""
+
+    def __init__(self, url: Optional[str], store: Optional[Path], model: Optional[str], api_key: Optional[str]) -> None:
+        if url and store:
+            _fail("give --url (a running service) or --store (a local model store), not both")
+        self.url, self.store, self.model, self.api_key = url, store or DEFAULT_STORE, model, api_key
+
+    def __enter__(self) -> "_Service":
+        import httpx
+
+        if self.url:
+            self.client = httpx.Client(base_url=self.url, headers=_auth(self.api_key), timeout=300.0)
+            self._exit = self.client.close
+        else:
+            import warnings
+
+            with warnings.catch_warnings():  # starlette asks for httpx2 in a future version; httpx works
+                warnings.simplefilter("ignore")  # StarletteDeprecationWarning
+                from starlette.testclient import TestClient
+
+            from service.app import create_app
+            from service.settings import Settings
+
+            settings = Settings(store=self.store, default_model=self.model, poll_interval_s=0, api_key=None,
+                                admin_key=None, log_level="warning", request_timeout_s=300)
+            test_client = TestClient(create_app(settings), raise_server_exceptions=False)
+            self.client = test_client.__enter__()  # runs the app's start-up: loads the store's models
+            self._exit = lambda: test_client.__exit__(None, None, None)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._exit()
+
+    def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        """The answer's JSON, or exit 2 printing the service's error (message, code, field)."""
+        import httpx
+
+        try:
+            r = self.client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            _fail(f"cannot reach the service at {self.url}: {exc}")
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if r.status_code != 200 or not isinstance(body, dict):
+            if isinstance(body, dict) and "error" in body:
+                where = f", field {body['field']}" if body.get("field") else ""
+                _fail(f"{body['error']} (HTTP {r.status_code}, {body.get('code')}{where})")
+            _fail(f"HTTP {r.status_code}: {r.text[:300]}")
+        return body
+
+    def path(self, what: str, version: Optional[str]) -> str:
+        if not self.model:
+            if version:
+                _fail("--version needs --model")
+            return f"/{what}"
+        return f"/models/{self.model}" + (f"/versions/{version}" if version else "") + f"/{what}"
+
+
+def _read_input(file: Path) -> Any:
+    from service.viewer import UploadError, read_path
+
+    try:
+        return read_path(file)
+    except UploadError as exc:
+        _fail(exc.message)
+
+
+@app.command("predict")
+def predict_cmd(
+    file: Path = typer.Argument(..., help=".json (T x N, a list of them, or {\"inputs\": ...}), .csv (rows = time "
+                                "steps, optional header of feature names) or .npz (X or inputs)"),
+    url: Optional[str] = typer.Option(None, help="a running service, e.g. http://127.0.0.1:8000"),
+    store: Optional[Path] = typer.Option(None, help="a local model store, served in this process [default: the "
+                                         "shipped one, when no --url]"),
+    model: Optional[str] = typer.Option(None, help="model name [default: the service's default model]"),
+    version: Optional[str] = typer.Option(None, help="model version [default: latest]"),
+    api_key: Optional[str] = typer.Option(None, envvar="ICASERVE_CLIENT_API_KEY", help="bearer key for --url"),
+    as_json: bool = typer.Option(False, "--json", help="print the service's answer as JSON"),
+) -> None:
+    """Class probabilities for every sequence of FILE."""
+    upload = _read_input(file)
+    with _Service(url, store, model, api_key) as svc:
+        answer = svc.call("POST", svc.path("predict", version), json={"inputs": upload.inputs})
+    if as_json:
+        print(json.dumps(answer, indent=2))
+        return
+    table = Table(title=f"{answer['model']} v{answer['version']}: {file.name}")
+    names = list(answer["predictions"][0]["probabilities"])
+    for col in ("sequence", "label", *names):
+        table.add_column(col, justify="right" if col in names else "left")
+    for i, p in enumerate(answer["predictions"]):
+        table.add_row(str(i), p["label"], *(f"{p['probabilities'][c]:.4f}" for c in names))
+    Console().print(table)
+
+
+@app.command("explain")
+def explain_cmd(
+    file: Path = typer.Argument(..., help=".json, .csv or .npz, as for `icaserve predict`"),
+    png: Path = typer.Option(..., help="write the picture here (heatmap, profiles, attention)"),
+    method: str = typer.Option("gradient", help="gradient, input_x_gradient, integrated_gradients, smoothgrad, "
+                               "occlusion or tsr"),
+    target: str = typer.Option("predicted", help="predicted, all, or a class name or index"),
+    param: list[str] = typer.Option([], "--param", help="method parameter as key=value (JSON value), e.g. steps=32; "
+                                    "repeatable"),
+    signed: bool = typer.Option(False, "--signed", help="signed attributions (default: absolute saliency)"),
+    normalize: str = typer.Option("none", help="none, minmax or sum"),
+    attention: bool = typer.Option(False, "--attention", help="also draw the input-cell attention (ICA models)"),
+    sequence: int = typer.Option(0, min=0, help="which sequence of FILE"),
+    npz: Optional[Path] = typer.Option(None, help="also write the numbers here (.npz, the viewer's keys)"),
+    url: Optional[str] = typer.Option(None, help="a running service, e.g. http://127.0.0.1:8000"),
+    store: Optional[Path] = typer.Option(None, help="a local model store [default: the shipped one, when no --url]"),
+    model: Optional[str] = typer.Option(None, help="model name [default: the service's default model]"),
+    version: Optional[str] = typer.Option(None, help="model version [default: latest]"),
+    api_key: Optional[str] = typer.Option(None, envvar="ICASERVE_CLIENT_API_KEY", help="bearer key for --url"),
+) -> None:
+    """Explain one sequence of FILE and draw it: the saliency heatmap with its profiles (PNG)."""
+    import numpy as np
+
+    from icaserve.plots import draw_explanation, explanation_npz, save_png
+
+    upload = _read_input(file)
+    if sequence >= len(upload.inputs):
+        _fail(f"--sequence {sequence}: {file.name} holds {len(upload.inputs)} sequence(s)")
+    parameters: dict[str, Any] = {}
+    for item in param:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            _fail(f"--param {item!r}: write key=value, e.g. steps=32")
+        try:
+            parameters[key.strip()] = json.loads(value)
+        except ValueError:
+            parameters[key.strip()] = value
+    tgt: Any = int(target) if target.isdigit() else target
+    seq = upload.inputs[sequence]
+    body = {"inputs": [seq], "method": method, "parameters": parameters, "target": tgt, "absolute": not signed,
+            "normalize": normalize, "attention": attention}
+    with _Service(url, store, model, api_key) as svc:
+        answer = svc.call("POST", svc.path("explain", version), json=body)
+        manifest = svc.call("GET", f"/models/{answer['model']}").get("manifest") or {}
+    e = answer["explanations"][0]
+    feature_names = manifest.get("input", {}).get("feature_names") or upload.feature_names or []
+    atts = e["attributions"]
+    title = (f"{answer['model']} v{answer['version']} · {method} · {file.name}"
+             f" · predicted {e['prediction']['label']} ({max(e['prediction']['probabilities'].values()):.3f})")
+    mask = upload.masks[sequence] if upload.masks else None
+    fig = draw_explanation(
+        np.asarray(seq, dtype=np.float32), np.asarray([a["saliency"] for a in atts], dtype=np.float32),
+        np.asarray([a["time_profile"] for a in atts]), np.asarray([a["feature_profile"] for a in atts]),
+        feature_names=feature_names, target_names=[a["target"] for a in atts], title=title, signed=signed,
+        attention=None if e.get("attention") is None else np.asarray(e["attention"], dtype=np.float32),
+        mask=None if mask is None else np.asarray(mask, dtype=bool))
+    try:
+        save_png(fig, png)
+    except OSError as exc:
+        _fail(f"--png {png}: {exc.strerror or exc}")
+    console.print(f"picture: {png}")
+    if npz:
+        meta = {"model": answer["model"], "version": answer["version"], "method": method, "parameters": parameters,
+                "target": tgt, "absolute": not signed, "normalize": normalize,
+                "class_names": list(e["prediction"]["probabilities"]), "feature_names": list(feature_names),
+                "source": {"kind": "file", "name": file.name, "sequence": sequence}}
+        try:
+            explanation_npz(npz, inputs=np.asarray(seq, dtype=np.float32), answer=e, meta=meta, mask=mask)
+        except OSError as exc:
+            _fail(f"--npz {npz}: {exc.strerror or exc}")
+        console.print(f"numbers: {npz}")
 
 
 from icaserve import research; research.register(app)  # noqa: E402,E702  reproduce, evaluate

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs icaserve into its own virtual environment (.venv, or $ICASERVE_VENV), so packages that
 # a machine already holds can neither hide a broken install nor conflict with ours.
-# `--test` adds the test tools and Prometheus.
+# `--test` adds the test tools, Prometheus and Chromium.
 # Every dependency comes from requirements/lock.txt (constraints), so a fresh machine gets the
 # versions the suite was last run with; scripts/lock.sh regenerates it. torch is pinned there too
 # and installed first: an unpinned torch pulls gigabytes of CUDA packages on a CPU machine.
@@ -25,6 +25,15 @@ if [[ "${1:-}" == "--test" ]]; then
       apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
     else
       echo "note: 'prometheus' not installed (needs apt-get as root); its test will be skipped" >&2
+    fi
+  fi
+  # The viewer's browser test (tests/test_viewer.py) drives Debian's Chromium headless through
+  # playwright; no browser is downloaded (never `playwright install`).
+  if ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+      apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      echo "note: 'chromium' not installed (needs apt-get as root); the viewer's browser test will be skipped" >&2
     fi
   fi
 else

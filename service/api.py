@@ -1,37 +1,44 @@
 """The JSON API: /predict, /explain (default model, or per model and version), model listing,
-admin reload, health. Handlers translate wire formats and nothing else; the compute lives in
-`service.runtime`, the queues in `service.batching`.
+admin reload, health. A thin adapter over `service.dataplane`: it decodes a body to arrays once
+(JSON, or a binary body: .npy, .npz or raw float32), and encodes the answer once (JSON or npz).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
+import json
 import os
 import time
-from collections import Counter
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
 import orjson
-import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
 
-import attribution
 from model_store import ManifestError
+from service.dataplane import (
+    API_PARAMETERS,
+    BINARY_BYTES_PER_NUMBER,
+    JSON_BYTES_PER_NUMBER,
+    DataPlane,
+    Explained,
+    explain_options,
+    prediction,
+    refuse_non_finite,
+)
 from service import metrics
-from service.batching import Expired, QueueFull
-from service.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded, TooExpensive
-from service.inputs import OutOfRange, matrix, read_json, resolve_targets, sequences, validate, within_range
-from service.media import JSON, negotiate
+from service.dataplane import cost as _cost  # noqa: F401  (tests price through it)
+from service.errors import InvalidInput, NotReady
+from service.inputs import NPZ, OCTET_STREAM, body_kind, decode_binary, read_json, validate
+from service.media import JSON, body_schema, json_response, negotiate
 from service.registry import Serving
-from service.runtime import Explanation, ExplainSpec, LoadedModel
 from service.schemas import (
+    ERRORS,
     GRADIENT_METHODS,
     ErrorBody,
-    ExplainParameters,
+    ExplainOptions,
     ExplainRequest,
     ExplainResponse,
     PredictRequest,
@@ -39,90 +46,40 @@ from service.schemas import (
 )
 from service.security import require_admin, require_api_key
 
-NPZ = "application/x-npz"
-# Bytes per number of an /explain answer, for the response-size estimate made before compute:
-# JSON writes float32 values as their shortest text ("-1.2345678e-38," is 15 bytes; typical
-# values take ~10), npz stores 4 bytes each.
-JSON_BYTES_PER_NUMBER = 16
-NPZ_BYTES_PER_NUMBER = 4
-# The explain parameters a client can send (attribution methods take more, e.g. internal_batch_size).
-API_PARAMETERS = frozenset(ExplainParameters.model_fields)
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}
-
 router = APIRouter()
 
-
-def _fallback(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):  # orjson serialises only C-contiguous arrays natively
-        return np.ascontiguousarray(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
-
-
-def json_response(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data, default=_fallback, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json")
-
-
-def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A request body's JSON schema for the OpenAPI document, self-contained: nested models are
-    inlined, since FastAPI does not move a hand-written body schema's `$defs` into the document's
-    components (a `$ref` to them would dangle, and clients generated from it would break)."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                rest = {k: v for k, v in node.items() if k != "$ref"}
-                return {**inline(defs[ref.removeprefix("#/$defs/")]), **inline(rest)}
-            return {k: inline(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        return node
-
-    return inline(schema)
+BINARY_BODIES = ("Binary bodies are accepted too (see README): `application/x-npy` (a [B, T, N] array), "
+                 "`application/x-npz` (array `inputs`) or `application/octet-stream` (raw little-endian "
+                 "float32 with `X-Shape: B,T,N`)")
 
 
 def _state(request: Request):
     return request.app.state
 
 
-async def submit(request: Request, batcher, seqs, specs) -> list[Any]:
-    settings = _state(request).settings
-    try:
-        return await batcher.submit(seqs, specs, settings.request_timeout_s, request.state.timings)
-    except QueueFull:
-        raise Overloaded(f"the {batcher.name} queue is full; retry shortly",
-                         headers={"Retry-After": str(settings.retry_after_s)}) from None
-    except Expired:
-        raise DeadlineExceeded(f"not answered within {settings.request_timeout_s} s") from None
+def dataplane(request: Request) -> DataPlane:
+    return _state(request).dataplane
 
 
-def refuse_non_finite(values: np.ndarray, field: str, what: str) -> None:
-    """A non-finite model output or saliency is never a success: 422 out_of_range naming the
-    field whose values took the model's float32 arithmetic out of range."""
-    if not np.isfinite(values).all():
-        raise OutOfRange(f"{field}: {what} is not finite: the values are out of the range the model can handle "
-                         "(send values nearer the training data's range)", field=field)
-
-
-def prediction(logits: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    z = logits.astype(np.float64)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    k = int(np.argmax(z))
-    return {"label": class_names[k], "class_index": k,
-            "probabilities": {c: float(v) for c, v in zip(class_names, p)}, "logits": logits.tolist()}
-
-
-async def _serving(request: Request, name: str | None, version: str | None) -> Serving:
-    serving = await _state(request).registry.get(name, version)
+async def serving_for(request: Request, name: str | None, version: str | None) -> Serving:
+    """The model version that answers, recorded on the request for metrics and logs."""
+    serving = await dataplane(request).model(name, version)
     request.state.model = serving.model.name
     request.state.version = str(serving.model.version)
     return serving
+
+
+async def _binary_sequences(request: Request, serving: Serving, kind: str) -> list[np.ndarray]:
+    """A binary body's sequences: decoded without JSON (npz decompressed in a thread), then the
+    same checks as JSON inputs (count, lengths, features, finite float32, range)."""
+    body = await request.body()
+    settings = _state(request).settings
+    shape = request.headers.get("x-shape")
+    if kind == NPZ:
+        arr = await anyio.to_thread.run_sync(decode_binary, body, kind, shape, settings.max_body_bytes)
+    else:
+        arr = decode_binary(body, kind, shape, settings.max_body_bytes)
+    return dataplane(request).batch(serving.model, arr)
 
 
 # -- predict -------------------------------------------------------------------------------------
@@ -130,6 +87,7 @@ async def _serving(request: Request, name: str | None, version: str | None) -> S
 PREDICT_DOC = dict(
     response_model=PredictResponse,
     responses=ERRORS,
+    description=BINARY_BODIES + ".",
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": body_schema(PredictRequest),
     }}}},
@@ -138,20 +96,20 @@ PREDICT_DOC = dict(
 
 
 async def _predict(request: Request, name: str | None, version: str | None) -> Response:
-    serving = await _serving(request, name, version)
+    serving = await serving_for(request, name, version)
     t0 = time.perf_counter()
-    data = await read_json(request, serving.model.manifest)
-    _, raw = validate(PredictRequest, data)
-    settings = _state(request).settings
-    seqs = sequences(raw.get("inputs"), serving.model.manifest, settings.max_sequences,
-                     max_sigma=settings.max_input_sigma)
+    plane = dataplane(request)
+    kind = body_kind(request.headers.get("content-type"))
+    if kind is not None:
+        seqs = await _binary_sequences(request, serving, kind)
+    else:
+        data = await read_json(request, serving.model.manifest)
+        _, raw = validate(PredictRequest, data)
+        seqs = plane.sequences(serving.model, raw.get("inputs"))
     request.state.timings["parse_s"] = time.perf_counter() - t0
-    logits = await submit(request, serving.predict, seqs, None)
-    for i, z in enumerate(logits):
-        refuse_non_finite(z, f"inputs[{i}]", "the model's output")
-    names = serving.model.class_names
+    result = await plane.predict(serving, seqs, timings=request.state.timings)
     return json_response({"model": serving.model.name, "version": serving.model.version,
-                          "predictions": [prediction(z, names) for z in logits]})
+                          "predictions": result.as_dicts()})
 
 
 @router.post("/predict", summary="Class scores from the default model", **PREDICT_DOC)
@@ -176,6 +134,8 @@ EXPLAIN_DOC = dict(
     response_model=ExplainResponse,
     responses={**ERRORS, 200: {"content": {NPZ: {}}, "description": "JSON, or with `Accept: application/x-npz` "
                                 "a NumPy .npz archive (see README)"}},
+    description=BINARY_BODIES + "; with one, `method`, `target`, `absolute`, `normalize`, `attention` and the "
+    "method parameters (`steps`, `window=3,2`, ..., or `parameters` as a JSON object) are query parameters.",
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": body_schema(ExplainRequest),
     }}}},
@@ -183,197 +143,86 @@ EXPLAIN_DOC = dict(
 )
 
 
-def _method_params(req: ExplainRequest, seqs: list[np.ndarray], serving: Serving, settings) -> dict[str, Any]:
-    """The attribution keyword arguments for this request, checked against the method and limits.
-    What a method accepts comes from its registration in `attribution.METHODS` (TSR: its own
-    parameters and its base method's), limited to the parameters the API exposes."""
-    given = req.parameters.model_dump(exclude_none=True)
+def _query_value(value: str) -> Any:
+    """A query parameter's value: JSON when it parses as JSON (`16`, `0.3`, `true`, `["up", 0]`),
+    a comma list of such values (`3,2`), else the string itself (`zeros`, `up`)."""
     try:
-        allowed = set(attribution.resolve_method(req.method).accepted(given)) & API_PARAMETERS
-    except ValueError as exc:  # a bad base_method (the schema already limits it)
-        raise InvalidInput(f"parameters.base_method: {exc}", field="parameters.base_method") from None
-    for key in given:
-        if key not in allowed:
-            raise InvalidInput(f"parameters.{key}: not a parameter of method {req.method!r} "
-                               f"(it takes: {sorted(allowed) or 'none'})", field=f"parameters.{key}")
-    if given.get("steps", 0) > settings.max_ig_steps:
-        raise TooExpensive(f"parameters.steps: at most {settings.max_ig_steps}", field="parameters.steps")
-    if given.get("samples", 0) > settings.max_smoothgrad_samples:
-        raise TooExpensive(f"parameters.samples: at most {settings.max_smoothgrad_samples}",
-                           field="parameters.samples")
-    if given.get("noise", 0.0) > settings.max_smoothgrad_noise:
-        raise OutOfRange(f"parameters.noise: {given['noise']:g} standard deviations is out of range; at most "
-                         f"{settings.max_smoothgrad_noise:g} (setting max_smoothgrad_noise)", field="parameters.noise")
-    manifest = serving.model.manifest
-    if "baseline" in allowed:
-        b = given.get("baseline", "mean")
-        if b == "mean":
-            given["baseline"] = np.asarray(manifest.normalization.mean, dtype=np.float32)
-        elif b == "zeros":
-            given["baseline"] = 0.0
+        return json.loads(value)
+    except ValueError:
+        pass
+    if "," in value:
+        return [_query_value(v.strip()) for v in value.split(",")]
+    return value
+
+
+def query_options(request: Request) -> ExplainOptions:
+    """The explanation's options from the query string (for binary bodies), checked as a JSON
+    body's would be: an unknown key is a 422 naming it."""
+    data: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for key, value in request.query_params.multi_items():
+        if key in ("method", "normalize", "absolute", "attention"):
+            data[key] = value
+        elif key == "target":
+            data[key] = value if value in ("all", "predicted") else _query_value(value)
+        elif key == "parameters":
+            given = _query_value(value)
+            if not isinstance(given, dict):
+                raise InvalidInput("parameters: must be a JSON object", field="parameters")
+            params.update(given)
+        elif key in API_PARAMETERS:
+            params[key] = _query_value(value) if key != "base_method" else value
         else:
-            lengths = {len(s) for s in seqs}
-            if len(lengths) != 1:
-                raise InvalidInput("parameters.baseline: a given baseline needs all sequences of one length",
-                                   field="parameters.baseline")
-            length = lengths.pop()
-            given["baseline"] = within_range(
-                matrix(b, "parameters.baseline", manifest.input.n_features, length, manifest.input.max_length),
-                manifest, settings.max_input_sigma, "parameters.baseline")
-    for key in ("window", "stride"):
-        if key in given:
-            given[key] = tuple(given[key])
-    return given
+            raise InvalidInput(f"{key}: not a query parameter of /explain (it takes method, target, absolute, "
+                               f"normalize, attention, parameters and {sorted(API_PARAMETERS)})", field=key)
+    if params:
+        data["parameters"] = params
+    return explain_options(data)
 
 
-def _cost(method: str, params: dict[str, Any], seqs: list[np.ndarray], n_features: int, n_targets: int) -> int:
-    """Work of the request in sample-step evaluations (time steps x forward-equivalents, summed
-    over sequences). Every parameter reaches `attribution.estimate_cost`, which prices each method
-    (TSR included) from all the parameters that change its work; priced once per length."""
-    p = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in params.items()}
-    return sum(count * length * attribution.estimate_cost(method, 1, length, n_features, n_targets, **p)
-               for length, count in Counter(len(s) for s in seqs).items())
-
-
-def _wants_npz(request: Request) -> bool:
+def wants_npz(request: Request) -> bool:
     """Accept negotiated with q-values (`application/x-npz;q=0` is a refusal); JSON on a tie."""
     return negotiate(request.headers.get("accept"), (JSON, NPZ)) == NPZ
 
 
-def _price(request: Request, req: ExplainRequest, params: dict[str, Any], seqs: list[np.ndarray],
-           model: LoadedModel, n_targets: int, settings) -> None:
-    """Refuse, before any compute, an explanation whose work or answer is too large: the work
-    (`max_explain_cost`) and the answer's estimated size (`max_response_bytes`), each first
-    without the T x T attention weights (too large: field `inputs`), then with them (`attention`)."""
-    n_features = model.manifest.input.n_features
-    try:
-        cost = _cost(req.method, params, seqs, n_features, n_targets)
-    except ValueError as exc:  # parameters the method refuses for these inputs, e.g. an occlusion window
-        raise InvalidInput(f"parameters: {exc}", field="parameters") from None
-    limit = settings.max_explain_cost
-    if cost > limit:
-        raise TooExpensive(
-            f"this explanation would cost {cost:,} sample-step evaluations, above the limit of "
-            f"{limit:,}; send fewer or shorter sequences, fewer targets or fewer steps", field="inputs")
-    if req.attention:
-        with_attention = cost + sum(len(s) * model.attention_cost(len(s)) for s in seqs)
-        if with_attention > limit:
-            raise TooExpensive(
-                f"with its T x T attention weights this explanation would cost {with_attention:,} sample-step "
-                f"evaluations, above the limit of {limit:,}; leave out attention or send fewer or shorter "
-                "sequences", field="attention")
-    per_number = NPZ_BYTES_PER_NUMBER if _wants_npz(request) else JSON_BYTES_PER_NUMBER
-    n_classes = len(model.class_names)
-    # per sequence: K saliency matrices T x N with their time (T) and feature (N) profiles, logits
-    # and probabilities; attention: T x T
-    numbers = sum(n_targets * (len(s) * n_features + len(s) + n_features) + 2 * n_classes for s in seqs)
-    size = numbers * per_number
-    cap = settings.max_response_bytes
-    if size > cap:
-        raise TooExpensive(
-            f"the answer would be about {size:,} bytes, above the limit of {cap:,}; send fewer or shorter "
-            "sequences or fewer targets (or ask for Accept: application/x-npz, 4 bytes a number)", field="inputs")
-    if req.attention:
-        size += sum(len(s) ** 2 for s in seqs) * per_number
-        if size > cap:
-            raise TooExpensive(
-                f"with its T x T attention weights the answer would be about {size:,} bytes, above the limit of "
-                f"{cap:,}; leave out attention or send fewer or shorter sequences", field="attention")
-
-
-def _checked(results: list[Explanation], req: ExplainRequest
-             ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(saliency as returned, time profiles, feature profiles) per sequence, after making sure
-    that every number of the answer is finite: a non-finite logit, saliency, profile or attention
-    weight is a 422 out_of_range naming the sequence (or, for saliency of finite logits, the
-    perturbation parameter the client gave, when it gave one), never a 200 with nulls."""
-    given = req.parameters.model_dump(exclude_none=True)
-    suspects = [f"parameters.{k}" for k in ("noise", "baseline")
-                if k in given and (k != "baseline" or isinstance(given[k], list))]
-    out = []
-    for i, e in enumerate(results):
-        refuse_non_finite(e.logits, f"inputs[{i}]", "the model's output")
-        if e.attention is not None:
-            refuse_non_finite(e.attention, f"inputs[{i}]", "the attention weights")
-        sal = _postprocess(e.saliency, req.absolute, req.normalize)
-        # summed in float64, returned as float32 (as the saliency): an overflow shows as inf
-        time_profiles = sal.sum(axis=2, dtype=np.float64).astype(np.float32)
-        feature_profiles = sal.sum(axis=1, dtype=np.float64).astype(np.float32)
-        for values in (sal, time_profiles, feature_profiles):
-            field = suspects[0] if suspects else f"inputs[{i}]"
-            refuse_non_finite(values, field, f"the saliency of inputs[{i}]")
-        out.append((sal, time_profiles, feature_profiles))
-    return out
-
-
-def _postprocess(sal: np.ndarray, absolute: bool, normalize: str) -> np.ndarray:
-    """The saliency as returned (float32); scaled in float64, so a large but finite saliency
-    cannot overflow in the scaling."""
-    sal = sal.astype(np.float64)
-    if absolute:
-        sal = np.abs(sal)
-    if normalize == "minmax":
-        lo = sal.min(axis=(1, 2), keepdims=True)
-        span = sal.max(axis=(1, 2), keepdims=True) - lo
-        sal = (sal - lo) / np.where(span > 0, span, 1.0)
-    elif normalize == "sum":
-        total = np.abs(sal).sum(axis=(1, 2), keepdims=True)
-        sal = sal / np.where(total > 0, total, 1.0)
-    return np.ascontiguousarray(sal, dtype=np.float32)
-
-
 async def _explain(request: Request, name: str | None, version: str | None) -> Response:
-    serving = await _serving(request, name, version)
-    settings = _state(request).settings
+    serving = await serving_for(request, name, version)
     t0 = time.perf_counter()
-    data = await read_json(request, serving.model.manifest)
-    req, raw = validate(ExplainRequest, data)
-    model = serving.model
-    seqs = sequences(raw.get("inputs"), model.manifest, settings.max_sequences, max_sigma=settings.max_input_sigma)
-    targets, all_targets = resolve_targets(req.target, model.class_names)
-    if req.attention and not model.has_attention:
-        raise InvalidInput("attention: this model has no input-cell attention", field="attention")
-    params = _method_params(req, seqs, serving, settings)
-    spec = ExplainSpec(req.method, params, targets, all_targets, req.attention)
-    _price(request, req, params, seqs, model, spec.n_targets(len(model.class_names)), settings)
+    plane = dataplane(request)
+    kind = body_kind(request.headers.get("content-type"))
+    options: ExplainOptions
+    if kind is not None:
+        options = query_options(request)
+        seqs = await _binary_sequences(request, serving, kind)
+    else:
+        data = await read_json(request, serving.model.manifest)
+        options, raw = validate(ExplainRequest, data)
+        seqs = plane.sequences(serving.model, raw.get("inputs"))
     request.state.timings["parse_s"] = time.perf_counter() - t0
-    request.state.method = req.method
-    # the same deadline as the batcher's (now + request_timeout_s): the compute stops there too
-    spec = dataclasses.replace(spec, deadline=time.perf_counter() + settings.request_timeout_s)
-    specs = [spec] * len(seqs)  # read-only to the batcher
-    results: list[Explanation] = await submit(request, serving.explain, seqs, specs)
-    processed = _checked(results, req)
-    metrics.EXPLANATIONS.labels(req.method).inc(len(seqs))
-    names = model.class_names
-    if _wants_npz(request):
-        return _npz(model.name, model.version, req.method, results, [sal for sal, _, _ in processed], names)
-    out = []
-    for e, (sal, time_profiles, feature_profiles) in zip(results, processed):
-        out.append({
-            "prediction": prediction(e.logits, names),
-            "attributions": [
-                {"target": names[t], "target_index": t, "saliency": sal[k],
-                 "time_profile": time_profiles[k], "feature_profile": feature_profiles[k]}
-                for k, t in enumerate(e.targets)
-            ],
-            "attention": e.attention,
-        })
-    return json_response({"model": model.name, "version": model.version, "method": req.method,
-                          "explanations": out})
+    request.state.method = options.method
+    npz = wants_npz(request)
+    result = await plane.explain(serving, seqs, options,
+                                 bytes_per_number=BINARY_BYTES_PER_NUMBER if npz else JSON_BYTES_PER_NUMBER,
+                                 timings=request.state.timings)
+    if npz:
+        return _npz(result)
+    return json_response({"model": serving.model.name, "version": serving.model.version, "method": options.method,
+                          "explanations": result.as_dicts()})
 
 
-def _npz(name: str, version: int, method: str, results: list[Explanation], saliency: list[np.ndarray],
-         names: list[str]) -> Response:
+def _npz(result: Explained) -> Response:
     """Compact binary answer: float32 arrays per sequence i (saliency_i: K x T x N as returned,
     logits_i, targets_i, attention_i) and `meta` (UTF-8 JSON bytes)."""
     arrays: dict[str, np.ndarray] = {}
-    for i, (e, sal) in enumerate(zip(results, saliency)):
+    for i, (e, sal) in enumerate(zip(result.explanations, result.saliency)):
         arrays[f"saliency_{i}"] = sal
         arrays[f"logits_{i}"] = e.logits.astype(np.float32)
         arrays[f"targets_{i}"] = np.asarray(e.targets, dtype=np.int64)
         if e.attention is not None:
             arrays[f"attention_{i}"] = e.attention.astype(np.float32)
-    meta = {"model": name, "version": version, "method": method, "class_names": names, "sequences": len(results)}
+    m = result.model
+    meta = {"model": m.name, "version": m.version, "method": result.method, "class_names": m.class_names,
+            "sequences": len(result.explanations)}
     arrays["meta"] = np.frombuffer(orjson.dumps(meta), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -410,6 +259,8 @@ def _model_view(request: Request, name: str) -> dict[str, Any]:
             manifest = store.manifest(name).model_dump()
         except ManifestError:
             pass
+    if manifest is not None and manifest.get("explanation_quality") is None:
+        manifest.pop("explanation_quality", None)  # older manifests have none: omitted, not null
     return {"name": name, "versions": store.versions(name),
             "serving_version": serving.model.version if serving else None,
             "default": name == registry.default_name, "manifest": manifest,
@@ -471,4 +322,5 @@ async def metrics_endpoint() -> Response:
     return Response(body, media_type=content_type)
 
 
-__all__ = ["router", "body_schema", "json_response", "prediction", "submit", "GRADIENT_METHODS"]
+__all__ = ["router", "body_schema", "json_response", "prediction", "refuse_non_finite", "serving_for", "dataplane",
+           "GRADIENT_METHODS", "OCTET_STREAM"]

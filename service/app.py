@@ -20,13 +20,15 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from icaserve.tuning import tune_malloc
-from service import api, errors, metrics, v2
+from service import api, errors, metrics, v1, v2
+from service.dataplane import DataPlane
 from service.errors import ApiError, PayloadTooLarge, error_body
 from service.logs import REQUEST_ID, configure_logging
 from service.registry import ModelRegistry
 from service.runtime import pick_device
 from service.server import OVER_CONNECTION_CAP
 from service.settings import Settings
+from service.viewer import router as viewer_router
 
 log = logging.getLogger("icaserve.access")
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -196,12 +198,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.registry.start()
+        grpc = None
+        if settings.grpc_enabled:  # the Open Inference Protocol over gRPC, beside HTTP, in this loop
+            from service import grpc_server
+
+            try:
+                grpc = await grpc_server.start(app)
+            except BaseException:
+                await app.state.registry.stop()
+                raise
         logging.getLogger("icaserve").info(
             "serving", extra={"store": str(settings.store), "device": str(app.state.registry.device),
                               "models": sorted(app.state.registry.latest()),
                               "default_model": app.state.registry.default_name})
         yield
         app.state.shutting_down = True
+        if grpc is not None:
+            await grpc_server.stop(grpc, settings.request_timeout_s)
         await app.state.registry.stop()
 
     app = FastAPI(
@@ -214,11 +227,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.registry = ModelRegistry(settings, pick_device(settings.device))
+    app.state.dataplane = DataPlane(app.state.registry, settings)  # predict and explain for every route
     app.state.shutting_down = False
 
     errors.install(app)
     app.include_router(api.router)
     app.include_router(v2.router)
+    app.include_router(v1.router)
+    app.include_router(viewer_router)  # /viewer: the explanation viewer page and its helpers
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"])

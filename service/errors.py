@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -82,6 +84,23 @@ def from_store_error(exc: StoreError) -> ApiError:
     if isinstance(exc, (ModelNotFound, VersionNotFound, InvalidName)):
         return NotFound(str(exc), field="model")
     return NotReady(f"model unavailable: {exc}", field="model")
+
+
+@contextlib.contextmanager
+def fields_renamed(rename: Callable[[str], str]) -> Iterator[None]:
+    """Errors raised inside name their field in the caller's wire format: `rename` maps the
+    data plane's field (e.g. `parameters.steps`, `target`) to it, in `field` and in the message's
+    leading `field:`. For adapters whose requests nest or name things differently (V2, KServe V1)."""
+    try:
+        yield
+    except ApiError as exc:
+        if exc.field:
+            new = rename(exc.field)
+            if new != exc.field:
+                if exc.message.startswith(exc.field):
+                    exc.message = new + exc.message[len(exc.field):]
+                exc.field = new
+        raise
 
 
 def error_body(message: str, code: str, field: str | None, request_id: str | None) -> bytes:

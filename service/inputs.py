@@ -5,7 +5,10 @@ named (field and problem) before a request reaches a queue.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
+import math
+import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -16,7 +19,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from model_store import Manifest
-from service.errors import InvalidInput, MalformedBody, UnsupportedMediaType, _loc
+from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, UnsupportedMediaType, _loc
 from service.media import is_json, parse_media_type
 
 if TYPE_CHECKING:
@@ -223,3 +226,129 @@ def resolve_targets(target: Any, class_names: list[str]) -> tuple[list[int] | No
             raise InvalidInput(f"{where}: {item!r} is not a class of this model (classes: {class_names}, "
                                f"or indices 0..{len(class_names) - 1})", field=where)
     return list(dict.fromkeys(out)), False
+
+
+# -- arrays: binary bodies and V2 tensors ----------------------------------------------------------
+
+NPY = "application/x-npy"
+NPZ = "application/x-npz"
+OCTET_STREAM = "application/octet-stream"
+BINARY_TYPES = (NPY, NPZ, OCTET_STREAM)
+# numpy kinds a tensor of numbers may arrive in: float, signed and unsigned integers
+_NUMBER_KINDS = "fiu"
+
+
+def body_kind(content_type: str | None) -> str | None:
+    """The binary media type of a body (`NPY`, `NPZ`, `OCTET_STREAM`), or None for anything else
+    (then the JSON rules apply, 415 included)."""
+    if content_type is None:
+        return None
+    media = parse_media_type(content_type)
+    if media is None:
+        return None
+    name = f"{media.type}/{media.subtype}"
+    return name if name in BINARY_TYPES else None
+
+
+def parse_shape(header: str | None, field: str = "X-Shape") -> tuple[int, ...]:
+    """`B,T,N` (decimal integers, each >= 1) from a header; a clear 422 otherwise."""
+    if header is None or not header.strip():
+        raise InvalidInput(f"{field}: a raw float32 body needs its shape in the header {field}: B,T,N",
+                           field=field)
+    parts = [p.strip() for p in header.split(",")]
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
+        raise InvalidInput(f"{field}: expected three positive integers B,T,N, got {header[:64]!r}", field=field)
+    shape = tuple(int(p) for p in parts)
+    if min(shape) < 1:
+        raise InvalidInput(f"{field}: every dimension must be at least 1, got {shape}", field=field)
+    return shape
+
+
+def _npy_array(buf: bytes, field: str) -> np.ndarray:
+    """The array of one .npy file, read from its header without allocating what the header
+    claims: the byte count must match the header's shape and dtype exactly (no pickles, numbers only)."""
+    f = io.BytesIO(buf)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, TypeError, SyntaxError, OverflowError, EOFError) as exc:
+        raise InvalidInput(f"{field}: not a valid .npy array ({exc})", field=field) from None
+    if dtype.kind not in _NUMBER_KINDS or dtype.hasobject:
+        raise InvalidInput(f"{field}: dtype {dtype} is not a number type (send float32)", field=field)
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(buf) - f.tell():
+        raise InvalidInput(f"{field}: the .npy header declares shape {shape} of {dtype} "
+                           f"({count * dtype.itemsize} bytes) but {len(buf) - f.tell()} bytes follow", field=field)
+    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=f.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def _npz_member(buf: bytes, key: str, field: str, max_bytes: int) -> np.ndarray:
+    """Member `key` of an .npz archive, read with at most `max_bytes` uncompressed (a small
+    compressed archive cannot expand past the body limit)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(buf)) as zf:
+            name = f"{key}.npy"
+            if name not in zf.namelist():
+                raise InvalidInput(f"{field}: the .npz archive has no array {key!r} (it has "
+                                   f"{sorted(n.removesuffix('.npy') for n in zf.namelist())[:8]})", field=field)
+            with zf.open(name) as member:
+                data = member.read(max_bytes + 1)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError) as exc:
+        raise InvalidInput(f"{field}: not a valid .npz archive ({exc})", field=field) from None
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"{field}: the array {key!r} expands past {max_bytes} bytes", field=field)
+    return _npy_array(data, f"{field}.{key}")
+
+
+def decode_binary(body: bytes, kind: str, shape_header: str | None, max_bytes: int,
+                  field: str = "inputs") -> np.ndarray:
+    """A binary body as an array (not yet checked against a model): `.npy`, `.npz` (array under
+    key `inputs`) or raw little-endian float32 with its shape in `X-Shape`."""
+    if not body:
+        raise MalformedBody("request body is empty", field="body")
+    if kind == NPY:
+        return _npy_array(body, field)
+    if kind == NPZ:
+        return _npz_member(body, "inputs", field, max_bytes)
+    shape = parse_shape(shape_header)
+    if math.prod(shape) * 4 != len(body):
+        raise InvalidInput(f"{field}: X-Shape {','.join(map(str, shape))} needs {math.prod(shape) * 4} bytes of "
+                           f"float32, the body has {len(body)}", field=field)
+    return np.frombuffer(body, dtype="<f4").reshape(shape)
+
+
+def batch(arr: np.ndarray, manifest: Manifest, max_sequences: int, field: str = "inputs",
+          max_sigma: float | None = None) -> list[np.ndarray]:
+    """A (B, T, N) array of numbers as B float32 T x N sequences, with the checks `sequences`
+    makes on nested lists (count, lengths, features, finite float32, range), naming the same fields."""
+    spec = manifest.input
+    if arr.ndim != 3:
+        raise InvalidInput(f"{field}: expected shape [B, T, {spec.n_features}], got {list(arr.shape)}", field=field)
+    b, t, n = arr.shape
+    if b < 1:
+        raise InvalidInput(f"{field}: must hold at least one sequence", field=field)
+    if b > max_sequences:
+        raise InvalidInput(f"{field}: {b} sequences, at most {max_sequences} per request", field=field)
+    if n != spec.n_features:
+        raise InvalidInput(f"{field}: expected {spec.n_features} features per time step, got {n}", field=field)
+    first = f"{field}[0]"
+    if t > spec.max_length:
+        raise InvalidInput(f"{first}: {t} time steps, the model accepts at most {spec.max_length}", field=first)
+    if t < spec.min_length:
+        raise InvalidInput(f"{first}: {t} time steps, the model needs at least {spec.min_length}", field=first)
+    if arr.dtype.kind not in _NUMBER_KINDS:
+        raise InvalidInput(f"{field}: must hold numbers, got dtype {arr.dtype}", field=field)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        i, s, f = np.argwhere(bad)[0]
+        where = f"{field}[{i}][{s}][{f}]"
+        raise InvalidInput(f"{where}: value {arr[i, s, f].item()!r} is not a finite float32", field=where)
+    return [within_range(out[i], manifest, max_sigma, f"{field}[{i}]") for i in range(b)]

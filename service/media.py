@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
+from pydantic import BaseModel
+from starlette.responses import Response
 
 JSON = "application/json"
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -86,3 +91,43 @@ def negotiate(accept: str | None, offered: Sequence[str]) -> str | None:
         if q > 0 and (best is None or key > best):
             best, choice = key, name
     return choice
+
+
+# -- encoding answers (every wire format's JSON goes through here) ---------------------------------
+
+def _fallback(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):  # orjson serialises only C-contiguous arrays natively
+        return np.ascontiguousarray(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def json_bytes(data: Any) -> bytes:
+    """`data` as JSON, numpy arrays written natively by orjson (float32 as its shortest text)."""
+    return orjson.dumps(data, default=_fallback, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(json_bytes(data), status_code=status, media_type=JSON)
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A request body's JSON schema for the OpenAPI document, self-contained: nested models are
+    inlined, since FastAPI does not move a hand-written body schema's `$defs` into the document's
+    components (a `$ref` to them would dangle, and clients generated from it would break)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return {**inline(defs[ref.removeprefix("#/$defs/")]), **inline(rest)}
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)

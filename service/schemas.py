@@ -65,8 +65,10 @@ class ExplainParameters(BaseModel):
     feature_default: float | None = Field(None, ge=0, le=1, description="tsr: feature relevance of other steps")
 
 
-class ExplainRequest(BaseModel):
-    inputs: list[Matrix] = Field(..., description="As for /predict.")
+class ExplainOptions(BaseModel):
+    """What to explain and how, apart from the inputs: the same for every wire format (JSON body,
+    query parameters of a binary body, V2 request parameters, KServe V1), checked by one model."""
+
     method: Method = "gradient"
     parameters: ExplainParameters = Field(default_factory=ExplainParameters)
     target: Union[Literal["predicted", "all"], StrictInt, StrictStr, list[Union[StrictInt, StrictStr]]] = Field(
@@ -76,6 +78,12 @@ class ExplainRequest(BaseModel):
         "none", description="scale each T x N matrix: 'minmax' to [0, 1], 'sum' to total 1 (after `absolute`)")
     attention: bool = Field(False, description="also return input-cell attention weights (T x T, averaged over "
                             "hops) for ICA models")
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExplainRequest(ExplainOptions):
+    inputs: list[Matrix] = Field(..., description="As for /predict.")
 
     model_config = ConfigDict(
         extra="forbid",
@@ -109,3 +117,7 @@ class ErrorBody(BaseModel):
     code: str
     field: str | None = None
     request_id: str | None = None
+
+
+# The error answers every inference route documents (OpenAPI), in the one format above.
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 415, 422, 503, 504)}

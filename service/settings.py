@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     # more would not parse faster, only hold more parsed bodies in memory at once.
     json_parse_concurrency: int = Field(1, ge=1)
 
+    # Open Inference Protocol over gRPC (service/grpc_server.py): inference.GRPCInferenceService on
+    # its own port, in the same process as HTTP (started with the app). Its messages are capped by
+    # max_body_bytes, as HTTP bodies are. With --workers > 1 every worker listens on the port
+    # (SO_REUSEPORT; the kernel spreads connections).
+    grpc_enabled: bool = True
+    grpc_port: int = Field(8081, ge=0, le=65535)
+
     # Security
     api_key: SecretStr | None = None  # bearer key for inference and model listing; None: open
     admin_key: SecretStr | None = None  # bearer key for /admin/*; None: admin API disabled

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,10 @@ ICA_ARCH = {"attention": "ica", "hidden": 8, "r": 4, "d_a": 16}
 LSTM_ARCH = {"attention": "none", "hidden": 8}
 
 READY_TIMEOUT_S = 90.0
+
+# Apps built in this process (TestClient over create_app) serve no gRPC: its default port (8081)
+# would be shared by every test and every concurrent run. Servers get it with grpc=True.
+os.environ.setdefault("ICASERVE_GRPC_ENABLED", "false")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -134,6 +139,12 @@ class Server:
             return ""
 
     @property
+    def grpc_target(self) -> str:
+        """host:port of its gRPC endpoint (started with `server_factory(..., grpc=True)`)."""
+        assert self.env.get("ICASERVE_GRPC_ENABLED") == "true", "started without grpc=True"
+        return f"127.0.0.1:{self.env['ICASERVE_GRPC_PORT']}"
+
+    @property
     def running(self) -> bool:
         return self.proc.poll() is None
 
@@ -149,7 +160,7 @@ class Server:
 
 
 def start_server(store: Path, settings: dict[str, Any] | None, log_dir: Path,
-                 ready_timeout_s: float = READY_TIMEOUT_S) -> Server:
+                 ready_timeout_s: float = READY_TIMEOUT_S, grpc: bool = False) -> Server:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("ICASERVE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
@@ -159,6 +170,7 @@ def start_server(store: Path, settings: dict[str, Any] | None, log_dir: Path,
         "ICASERVE_TORCH_THREADS": "1",
         "ICASERVE_POLL_INTERVAL_S": "0",
         "ICASERVE_LOG_LEVEL": "warning",
+        "ICASERVE_GRPC_ENABLED": "false",  # gRPC (a second port) only when a test asks: grpc=True
     }
     for key, value in (settings or {}).items():
         key = key.upper()
@@ -169,6 +181,9 @@ def start_server(store: Path, settings: dict[str, Any] | None, log_dir: Path,
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log_path = log_dir / f"server-{port}.log"
+        if grpc:  # the Open Inference Protocol over gRPC on a free port of its own (Server.grpc_target)
+            icaserve.update(ICASERVE_GRPC_ENABLED="true", ICASERVE_GRPC_PORT=str(free_port()))
+            env.update(icaserve)
         with open(log_path, "wb") as log:
             # `icaserve serve` itself, so test servers get its uvicorn options (service.server:
             # protocol, connection and header limits); the log level comes from ICASERVE_LOG_LEVEL.
@@ -176,7 +191,7 @@ def start_server(store: Path, settings: dict[str, Any] | None, log_dir: Path,
                 [sys.executable, "-m", "icaserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        server = Server(proc, url, log_path, icaserve, store)
+        server = Server(proc, url, log_path, dict(icaserve), store)
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -189,20 +204,21 @@ def start_server(store: Path, settings: dict[str, Any] | None, log_dir: Path,
             time.sleep(0.2)
         last_error = server.log()
         server.stop()
-        if "address already in use" not in last_error.lower():
+        if "address already in use" not in last_error.lower() and "cannot listen on" not in last_error:
             break
     raise RuntimeError(f"server did not become ready within {ready_timeout_s} s; its log:\n{last_error}")
 
 
 @pytest.fixture(scope="session")
 def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
-    """`server_factory(store, settings=None)` -> a ready `Server`; all are stopped at session end."""
+    """`server_factory(store, settings=None, grpc=False)` -> a ready `Server`; all are stopped at
+    session end. `grpc=True` also serves gRPC on a free port (`Server.grpc_target`)."""
     log_dir = tmp_path_factory.mktemp("server_logs")
     started: list[Server] = []
 
     def factory(store: Path, settings: dict[str, Any] | None = None,
-                ready_timeout_s: float = READY_TIMEOUT_S) -> Server:
-        server = start_server(store, settings, log_dir, ready_timeout_s)
+                ready_timeout_s: float = READY_TIMEOUT_S, grpc: bool = False) -> Server:
+        server = start_server(store, settings, log_dir, ready_timeout_s, grpc)
         started.append(server)
         return server
 
@@ -231,3 +247,28 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, server: 
         time.sleep(0.1)
     log = f"\nserver log:\n{server.log()}" if server is not None else ""
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}{log}")
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None, field: Any = ...) -> dict:
+    """The one error format: {"error": str, "code": str, "field": str|null, "request_id": str}."""
+    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text[:500]}"
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    body = r.json()
+    assert set(body) == {"error", "code", "field", "request_id"}, body
+    assert isinstance(body["error"], str) and body["error"], body
+    assert isinstance(body["code"], str) and body["code"], body
+    assert body["field"] is None or isinstance(body["field"], str), body
+    assert isinstance(body["request_id"], str) and body["request_id"], body
+    assert r.headers.get("x-request-id") == body["request_id"]
+    if code is not None:
+        assert body["code"] == code, body
+    if field is not ...:
+        assert body["field"] == field, body
+    return body
+
+
+def raw_sequence(length: int, seed: int = 0) -> np.ndarray:
+    """A raw-valued T x N float32 sequence around the test models' training distribution."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(NORMALIZATION["mean"]) + np.asarray(NORMALIZATION["std"]) * rng.normal(size=(length, N_FEATURES))
+    return np.round(x, 4).astype(np.float32)

@@ -33,7 +33,17 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, Occlusion, Saliency
 
 from attribution.smoothgrad import noise_draws
-from conftest import CLASS_NAMES, LSTM_ARCH, MAX_LENGTH, NORMALIZATION, N_FEATURES, metric, publish, wait_for
+from conftest import (
+    CLASS_NAMES,
+    LSTM_ARCH,
+    MAX_LENGTH,
+    NORMALIZATION,
+    N_FEATURES,
+    assert_error,
+    metric,
+    publish,
+    wait_for,
+)
 from model_store import ModelStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -79,26 +89,6 @@ def assert_rel_close(actual: Any, expected: Any, rtol: float = 1e-5, what: str =
     err = float(np.abs(a - e).max())
     scale = float(np.abs(e).max())
     assert err <= rtol * scale + 1e-9, f"{what}: max abs error {err:.3g} vs scale {scale:.3g}"
-
-
-def assert_error(r: httpx.Response, status: int, code: str | None = None, field: Any = ...) -> dict:
-    """The one error format: {"error": str, "code": str, "field": str|null, "request_id": str}."""
-    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text[:500]}"
-    assert r.headers["content-type"].startswith("application/json"), r.headers
-    body = r.json()
-    assert set(body) == {"error", "code", "field", "request_id"}, body
-    assert isinstance(body["error"], str) and body["error"], body
-    assert isinstance(body["code"], str) and body["code"], body
-    assert body["field"] is None or isinstance(body["field"], str), body
-    assert isinstance(body["request_id"], str) and body["request_id"], body
-    assert r.headers.get("x-request-id") == body["request_id"]
-    if code is not None:
-        assert body["code"] == code, body
-    if field is not ...:
-        assert body["field"] == field, body
-    return body
-
-
 
 
 class Reference:
@@ -406,8 +396,11 @@ class TestAPI:
         meta = api.get("/v2/models/ica").json()
         assert meta["name"] == "ica" and meta["versions"] == ["1", "2"]
         assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, -1, N_FEATURES]}]
-        assert {o["name"] for o in meta["outputs"]} == {"probabilities", "logits"}
+        assert {o["name"]: o["shape"] for o in meta["outputs"]} == {
+            "probabilities": [-1, len(CLASS_NAMES)], "logits": [-1, len(CLASS_NAMES)],
+            "saliency": [-1, -1, -1, N_FEATURES]}
         assert meta["parameters"]["class_names"] == CLASS_NAMES
+        assert "explanation_quality" not in meta["parameters"]  # the test manifests have none
         one = api.get("/v2/models/ica/versions/1")
         assert one.status_code == 200 and one.json()["versions"] == ["1"]
         assert api.get("/v2/models/ica/ready").json() == {"name": "ica", "ready": True}
@@ -436,11 +429,11 @@ class TestAPI:
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
         logits = np.array(out["logits"]["data"]).reshape(3, -1)
         np.testing.assert_allclose(logits, [p["logits"] for p in pred["predictions"]], rtol=1e-6, atol=1e-7)
-        # nested data, default output (probabilities only)
+        # nested data, no outputs named: all of the prediction's (the protocol's "all outputs")
         r = api.post(path, json={"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
                                              "data": x.tolist()}]})
         assert r.status_code == 200, r.text
-        assert [o["name"] for o in r.json()["outputs"]] == ["probabilities"]
+        assert [o["name"] for o in r.json()["outputs"]] == ["probabilities", "logits"]
         np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"]).reshape(3, -1), want, rtol=1e-6)
 
     @pytest.mark.parametrize("path, body, status", [
