@@ -322,9 +322,13 @@ def test_a_small_predict_completes_while_big_bodies_are_refused(server):
             sock.close()
 
 
-def test_parse_runs_in_a_worker_thread_with_bounded_concurrency(model_store, monkeypatch):
+def test_large_bodies_parse_in_a_worker_thread_with_bounded_concurrency_small_ones_inline(model_store, monkeypatch):
+    """Past INLINE_PARSE_BYTES a body is parsed in a worker thread, one at a time; a small one on
+    the event loop (orjson holds the GIL either way; the thread hops would cost more than the parse)."""
     manifest = ModelStore(model_store).manifest("ica")
     settings = Settings(store=model_store, json_parse_concurrency=1)
+    # a valid body just over the inline bound: sequences of zeros, padded with spaces
+    LARGE = json.dumps({"inputs": [[[0.0] * N_FEATURES] * 3]}).encode() + b" " * inputs.INLINE_PARSE_BYTES
     seen: list[bool] = []
     active = [0, 0]  # now, most at once
     real = inputs.parse_json
@@ -349,8 +353,10 @@ def test_parse_runs_in_a_worker_thread_with_bounded_concurrency(model_store, mon
         app = SimpleNamespace(state=SimpleNamespace(settings=settings))
         headers = JSON_HEADERS
 
+        body_bytes = LARGE
+
         async def body(self) -> bytes:
-            return SMALL
+            return self.body_bytes
 
     async def main() -> list[Any]:
         async with anyio.create_task_group() as tg:
@@ -364,9 +370,13 @@ def test_parse_runs_in_a_worker_thread_with_bounded_concurrency(model_store, mon
         return out
 
     out = anyio.run(main)
-    assert out == [json.loads(SMALL)] * 4
+    assert out == [json.loads(LARGE)] * 4
     assert seen == [False] * 4, "parsed on the event loop"
     assert active[1] == 1
+    seen.clear()
+    FakeRequest.body_bytes = SMALL
+    assert anyio.run(main) == [json.loads(SMALL)] * 4
+    assert seen == [True] * 4, "a small body went through a worker thread"
 
 
 def test_json_limits_refuse_by_counting_and_pass_the_largest_valid_body(model_store):
