@@ -1,8 +1,9 @@
 """The floor of an HTTP prediction server: the least any server must do per /predict request.
 
 A bare ASGI app under the same uvicorn (httptools, one worker) as icaserve. It reads the same JSON
-body, parses it into a float32 array with the same parser (orjson + numpy), and answers two numbers.
-No routing, validation, model, batching, metrics or logging. icaserve's overhead at one client is
+body, parses it into a float32 array with the same parser (orjson + numpy), and answers two numbers
+(or, on /explain, a T x N float32 matrix: the size of one saliency answer). No routing, validation,
+model, batching, metrics or logging. icaserve's overhead at one client is
 reported against its latency: (icaserve latency - model time) / floor latency.
 
     uvicorn benchmarks.floor_app:app --port 8009 --http httptools --no-access-log
@@ -24,7 +25,10 @@ async def app(scope, receive, send) -> None:  # noqa: ANN001 - the raw ASGI sign
         chunks.append(message.get("body", b""))
         more = message.get("more_body", False)
     x = np.asarray(orjson.loads(b"".join(chunks))["inputs"], dtype=np.float32)
-    body = orjson.dumps({"logits": [float(x.mean()), float(x.std())]})
+    if scope["path"] == "/explain":
+        body = orjson.dumps({"saliency": x[0]}, option=orjson.OPT_SERIALIZE_NUMPY)
+    else:
+        body = orjson.dumps({"logits": [float(x.mean()), float(x.std())]})
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

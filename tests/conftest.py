@@ -168,6 +168,7 @@ def start_server(store: Path, settings: dict[str, Any] | None, log_dir: Path,
         "ICASERVE_STORE": str(store),
         "ICASERVE_DEVICE": "cpu",
         "ICASERVE_TORCH_THREADS": "1",
+        "ICASERVE_WORKERS": "1",  # one process, so a test sees one registry and one set of counters
         "ICASERVE_POLL_INTERVAL_S": "0",
         "ICASERVE_LOG_LEVEL": "warning",
         "ICASERVE_GRPC_ENABLED": "false",  # gRPC (a second port) only when a test asks: grpc=True
