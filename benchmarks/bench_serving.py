@@ -9,6 +9,12 @@ request in-process on the same model, the baseline batched explanations must bea
     python benchmarks/bench_serving.py [--seconds 6] [--model NAME] [--quick]
     python benchmarks/bench_serving.py --targets [--old 74cf6e2] [--rounds 2]
 
+    python benchmarks/bench_serving.py --protocols [--seconds 6]
+
+`--protocols` times one /predict of the same sequence over each wire format, on one server in one run:
+the JSON API, a raw float32 body, V2 REST with JSON tensors, V2 REST with the binary tensor extension
+(all with httpx), and V2 over gRPC (tritonclient.grpc, raw contents), at 1 and 32 clients.
+
 `--targets` measures the speed targets side by side in one run: a floor app (benchmarks/floor_app.py,
 the least an HTTP server must do per /predict), the server of an older commit (`--old`, checked out
 into a git worktree and run with its own defaults) and this tree's server (its defaults), then captum's
@@ -173,6 +179,124 @@ def write_markdown(results: dict) -> None:
         text = text[: text.index(start) + len(start)] + "\n" + block + "\n" + text[text.index(end):]
     else:
         text += f"\n## Serving over HTTP\n\n{start}\n{block}\n{end}\n"
+    path.write_text(text)
+
+
+def drive_calls(make_client, call, clients: int, seconds: float) -> dict:
+    """Like `drive`, for any client: `make_client()` per thread, then `call(client)` in a loop
+    until `seconds` pass; `call` returns True for a good answer."""
+    latencies: list[float] = []
+    ok = [0]
+    bad = [0]
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def one_client() -> None:
+        client = make_client()
+        try:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                good = call(client)
+                dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+                    ok[0] += bool(good)
+                    bad[0] += not good
+        finally:
+            close = getattr(client, "close", None)
+            if close:
+                close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one_client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = sorted(latencies)
+    return {"requests": len(lat), "ok": ok[0], "failed": bad[0], "rps": ok[0] / wall,
+            "mean_ms": 1000 * statistics.fmean(lat) if lat else None,
+            "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
+            "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None}
+
+
+def run_protocols(args: argparse.Namespace, name: str, x: np.ndarray) -> None:
+    """/predict of one sequence over every wire format, one server (gRPC on), one run."""
+    import tritonclient.grpc as grpcclient
+
+    from benchmarks.loopback import free_port
+
+    x32 = x.astype(np.float32)
+    grpc_port = free_port()
+    server = ServerProcess(args.store, {**QUEUES, "ICASERVE_GRPC_ENABLED": "true",
+                                       "ICASERVE_GRPC_PORT": str(grpc_port)})
+    json_body = orjson.dumps({"inputs": x.tolist()})
+    raw_body = x32.tobytes()
+    v2_json = orjson.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                        "data": x32.reshape(-1).tolist()}],
+                            "outputs": [{"name": "probabilities"}]})
+    header = orjson.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": len(raw_body)}}],
+                           "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]})
+    v2_binary = header + raw_body
+    json_h = {"content-type": "application/json"}
+    raw_h = {"content-type": "application/octet-stream", "x-shape": ",".join(map(str, x.shape))}
+    bin_h = {"content-type": "application/octet-stream", "inference-header-content-length": str(len(header))}
+
+    def http(path: str, body: bytes, headers: dict):
+        return (lambda: httpx.Client(base_url=server.url, timeout=120),
+                lambda c: c.post(path, content=body, headers=headers).status_code == 200)
+
+    def grpc_call(c) -> bool:
+        inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x32)
+        out = c.infer(name, [inp], outputs=[grpcclient.InferRequestedOutput("probabilities")])
+        return out.as_numpy("probabilities") is not None
+
+    plan = {
+        "JSON API (/predict)": http("/predict", json_body, json_h),
+        "raw float32 body (/predict)": http("/predict", raw_body, raw_h),
+        "V2 REST, JSON tensors": http(f"/v2/models/{name}/infer", v2_json, json_h),
+        "V2 REST, binary tensors": http(f"/v2/models/{name}/infer", v2_binary, bin_h),
+        "V2 gRPC (tritonclient.grpc)": (lambda: grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}"),
+                                        grpc_call),
+    }
+    rows = []
+    try:
+        for label, (make, call) in plan.items():
+            drive_calls(make, call, 4, 1.0)  # warm-up
+            for c in (1, 32):
+                r = drive_calls(make, call, c, args.seconds)
+                r.update(protocol=label, clients=c)
+                rows.append(r)
+                console.print(f"{label:32s} clients={c:3d} {r['rps']:8.1f} req/s  mean {r['mean_ms']:7.2f} ms  "
+                              f"p99 {r['p99_ms']:7.2f} ms  failed {r['failed']}")
+    finally:
+        server.stop()
+    results = {"machine": machine_line(), "model": name, "seconds": args.seconds, "rows": rows,
+               "bytes": {"JSON API (/predict)": len(json_body), "raw float32 body (/predict)": len(raw_body),
+                         "V2 REST, JSON tensors": len(v2_json), "V2 REST, binary tensors": len(v2_binary)}}
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serving_protocols.json").write_text(json.dumps(results, indent=2, default=str))
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text()
+    lines = [f"Generated by `python benchmarks/bench_serving.py --protocols --seconds {args.seconds:g}`. Machine: "
+             f"{results['machine']}. Model `{name}`, one 100 x 100 sequence per request, one server (1 worker, "
+             "default batching, gRPC on), clients on the same machine: httpx for HTTP, tritonclient.grpc for gRPC.",
+             "", "| protocol | request bytes | clients | req/s | mean ms | p99 ms | failed |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        size = results["bytes"].get(r["protocol"], len(raw_body))
+        lines.append(f"| {r['protocol']} | {size:,} | {r['clients']} | {r['rps']:.1f} | {r['mean_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {r['failed']} |")
+    block = "\n".join(lines)
+    start, end = "<!-- serving-protocols:start -->", "<!-- serving-protocols:end -->"
+    if start in text:
+        text = text[: text.index(start) + len(start)] + "\n" + block + "\n" + text[text.index(end):]
+    else:
+        text += f"\n## One sequence over every wire format\n\n{start}\n{block}\n{end}\n"
     path.write_text(text)
 
 
@@ -342,6 +466,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--quick", action="store_true", help="predict only, 2 s per cell, no file writes")
     parser.add_argument("--targets", action="store_true", help="the speed targets, side by side with --old")
+    parser.add_argument("--protocols", action="store_true", help="/predict over every wire format, one run")
     parser.add_argument("--old", default="74cf6e2", help="the older commit for --targets")
     parser.add_argument("--rounds", type=int, default=2, help="alternating old/new rounds for --targets")
     parser.add_argument("--new-workers", type=lambda v: [int(w) for w in v.split(",") if w], default=[2],
@@ -360,6 +485,9 @@ def main() -> None:
     }
     if args.targets:
         run_targets(args, store, name, predict_body, explain_bodies["gradient"])
+        return
+    if args.protocols:
+        run_protocols(args, name, x)
         return
     seconds = 2.0 if args.quick else args.seconds
     clients = [int(c) for c in args.clients.split(",")]
