@@ -205,7 +205,7 @@ def serve(
     host: Optional[str] = typer.Option(None, help="bind address [ICASERVE_HOST, default 127.0.0.1]"),
     port: Optional[int] = typer.Option(None, help="port [ICASERVE_PORT, default 8000]"),
     store: Optional[Path] = typer.Option(None, help="model store root [ICASERVE_STORE, default: the shipped one]"),
-    workers: Optional[int] = typer.Option(None, min=0, help="worker processes, 0: one per CPU core [ICASERVE_WORKERS, default 1]"),
+    workers: Optional[int] = typer.Option(None, min=0, help="worker processes, 0: one per CPU core [ICASERVE_WORKERS, default 0]"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [ICASERVE_DEVICE]"),
     default_model: Optional[str] = typer.Option(None, help="model for /predict and /explain [ICASERVE_DEFAULT_MODEL]"),
     backend: Optional[str] = typer.Option(None, help="torch or onnx, for /predict [ICASERVE_PREDICT_BACKEND]"),
@@ -267,7 +267,12 @@ def serve(
     from service.server import APP, uvicorn_options
 
     try:
-        uvicorn.run(APP, **uvicorn_options(settings))  # tests/conftest.py serves with this command too
+        if settings.workers > 1:
+            from service.server import run_workers
+
+            run_workers(settings)
+        else:
+            uvicorn.run(APP, **uvicorn_options(settings))  # tests/conftest.py serves with this command too
     finally:
         if own_mp_dir is not None:  # ours, made above: leave no temp folder behind
             shutil.rmtree(own_mp_dir, ignore_errors=True)

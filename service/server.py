@@ -56,6 +56,33 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def run_workers(settings: Settings) -> None:
+    """`uvicorn.run` with several workers, except that the supervising process closes its copy of
+    the listening socket as soon as it is told to stop. uvicorn's supervisor keeps it open until
+    the workers have drained and exited, so during a drain the kernel still completed new
+    connections into a backlog nobody accepts: clients hung instead of being refused, and a client
+    that waits for the refusal before finishing a request it had started saw 408 (measured by
+    tests/test_faults.py's drain test with two workers)."""
+    import uvicorn
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    class ClosingMultiprocess(Multiprocess):
+        def _close_listeners(self) -> None:
+            for sock in self.sockets:
+                sock.close()
+
+        def handle_term(self) -> None:
+            self._close_listeners()
+            super().handle_term()
+
+        def handle_int(self) -> None:
+            self._close_listeners()
+            super().handle_int()
+
+    config = uvicorn.Config(APP, **uvicorn_options(settings))
+    ClosingMultiprocess(config, sockets=[config.bind_socket()]).run()
+
+
 class TransportLimits:
     """The transport settings of this process, read once (Settings() per connection would cost)."""
 

@@ -21,10 +21,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     # Worker processes; 0: one per CPU this process may use (affinity, capped by a cgroup CPU quota).
     # Each worker has its own GIL: on the 2-core bench machine 2 workers answered /predict and
-    # /explain at 32 clients ~1.4x as fast as 1 (BENCHMARKS.md). The default stays 1 because with
-    # several workers a SIGTERM drain loses requests whose body was still arriving (408), which
-    # one worker does not (tests/test_faults.py, DRAIN_TEST_WORKERS=2 shows it).
-    workers: int = Field(1, ge=0, le=64)
+    # /explain at 32 clients ~1.3-1.4x as fast as 1 (BENCHMARKS.md); a third did not help.
+    workers: int = Field(0, ge=0, le=64)
     store: Path = DEFAULT_STORE
 
     @field_validator("workers")

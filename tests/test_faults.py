@@ -436,13 +436,15 @@ REFUSE_BOUND_S = 60
 EXIT_BOUND_S = 120
 
 
-def test_sigterm_under_load_drains_accepted_requests_and_exits_0(model_store, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_under_load_drains_accepted_requests_and_exits_0(model_store, tmp_path, workers):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICASERVE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update({"ICASERVE_STORE": str(model_store), "ICASERVE_DEVICE": "cpu", "ICASERVE_TORCH_THREADS": "1",
                 "ICASERVE_POLL_INTERVAL_S": "0", "ICASERVE_LOG_LEVEL": "warning",
-                "ICASERVE_WORKERS": os.environ.get("DRAIN_TEST_WORKERS", "1"),
+                # with 2, the supervisor must stop listening at once (service.server.run_workers)
+                "ICASERVE_WORKERS": str(workers),
                 # a long batching window keeps accepted requests in flight while the signal arrives
                 "ICASERVE_MAX_WAIT_MS": "1000", "ICASERVE_MAX_BATCH_SIZE": "64",
                 # `serve` gives the drain request_timeout_s + 5 s: far longer than EXIT_BOUND_S, so an
