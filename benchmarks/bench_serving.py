@@ -76,44 +76,22 @@ def parse_timing(header: str | None) -> dict[str, float]:
 
 
 def drive(url: str, path: str, body: bytes, clients: int, seconds: float) -> dict:
-    """`clients` concurrent loops (threads), each with its own connection, for `seconds`.
+    """`drive_calls` with httpx posting `body` to `path`: adds the status counts and the server's
+    time split (means of its Server-Timing header)."""
 
-    Threads with one blocking client each: measured here, 32 asyncio clients in one event loop
-    collapsed to a few requests/s on 2 cores, while threads kept the server busy."""
-    latencies: list[float] = []
-    timings: list[dict[str, float]] = []
+    def post(client: httpx.Client) -> tuple[bool, tuple[int, dict[str, float]]]:
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        return r.status_code == 200, (r.status_code, parse_timing(r.headers.get("server-timing")))
+
+    out = drive_calls(lambda: httpx.Client(base_url=url, timeout=120), post, clients, seconds)
+    records = out.pop("records")
     statuses: dict[int, int] = {}
-    lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
-
-    def one_client() -> None:
-        with httpx.Client(base_url=url, timeout=120) as client:
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                r = client.post(path, content=body, headers={"content-type": "application/json"})
-                dt = time.perf_counter() - t0
-                with lock:
-                    latencies.append(dt)
-                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                    timings.append(parse_timing(r.headers.get("server-timing")))
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=one_client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    ok = statuses.get(200, 0)
-    lat = sorted(latencies)
-    mean_ms = 1000 * statistics.fmean(latencies) if latencies else None
-    mean = {k: statistics.fmean(t.get(k, 0.0) for t in timings) for k in ("parse", "queue", "model", "other")}
-    return {
-        "requests": len(latencies), "ok": ok, "statuses": statuses, "rps": ok / wall, "mean_ms": mean_ms,
-        "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
-        "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
-        "server_ms": mean,
-    }
+    for status, _ in records:
+        statuses[status] = statuses.get(status, 0) + 1
+    out["statuses"] = statuses
+    out["server_ms"] = {k: statistics.fmean(t.get(k, 0.0) for _, t in records) if records else 0.0
+                        for k in ("parse", "queue", "model", "other")}
+    return out
 
 
 def captum_baseline(store: ModelStore, name: str, seconds: float) -> dict:
@@ -188,11 +166,14 @@ def write_markdown(results: dict) -> None:
 
 
 def drive_calls(make_client, call, clients: int, seconds: float) -> dict:
-    """Like `drive`, for any client: `make_client()` per thread, then `call(client)` in a loop
-    until `seconds` pass; `call` returns True for a good answer."""
+    """`clients` concurrent loops (threads), each with its own client from `make_client()`, calling
+    `call(client)` -> (good answer?, record) until `seconds` pass; the records come back in order.
+
+    Threads with one blocking client each: measured here, 32 asyncio clients in one event loop
+    collapsed to a few requests/s on 2 cores, while threads kept the server busy."""
     latencies: list[float] = []
+    records: list = []
     ok = [0]
-    bad = [0]
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
@@ -201,16 +182,14 @@ def drive_calls(make_client, call, clients: int, seconds: float) -> dict:
         try:
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
-                good = call(client)
+                good, record = call(client)
                 dt = time.perf_counter() - t0
                 with lock:
                     latencies.append(dt)
+                    records.append(record)
                     ok[0] += bool(good)
-                    bad[0] += not good
         finally:
-            close = getattr(client, "close", None)
-            if close:
-                close()
+            client.close()
 
     start = time.perf_counter()
     threads = [threading.Thread(target=one_client) for _ in range(clients)]
@@ -220,10 +199,11 @@ def drive_calls(make_client, call, clients: int, seconds: float) -> dict:
         t.join()
     wall = time.perf_counter() - start
     lat = sorted(latencies)
-    return {"requests": len(lat), "ok": ok[0], "failed": bad[0], "rps": ok[0] / wall,
+    return {"requests": len(lat), "ok": ok[0], "failed": len(lat) - ok[0], "rps": ok[0] / wall,
             "mean_ms": 1000 * statistics.fmean(lat) if lat else None,
             "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
-            "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None}
+            "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+            "records": records}
 
 
 def run_protocols(args: argparse.Namespace, name: str, x: np.ndarray) -> None:
@@ -251,13 +231,13 @@ def run_protocols(args: argparse.Namespace, name: str, x: np.ndarray) -> None:
 
     def http(path: str, body: bytes, headers: dict):
         return (lambda: httpx.Client(base_url=server.url, timeout=120),
-                lambda c: c.post(path, content=body, headers=headers).status_code == 200)
+                lambda c: (c.post(path, content=body, headers=headers).status_code == 200, None))
 
-    def grpc_call(c) -> bool:
+    def grpc_call(c) -> tuple[bool, None]:
         inp = grpcclient.InferInput("x", list(x.shape), "FP32")
         inp.set_data_from_numpy(x32)
         out = c.infer(name, [inp], outputs=[grpcclient.InferRequestedOutput("probabilities")])
-        return out.as_numpy("probabilities") is not None
+        return out.as_numpy("probabilities") is not None, None
 
     plan = {
         "JSON API (/predict)": http("/predict", json_body, json_h),
@@ -273,6 +253,7 @@ def run_protocols(args: argparse.Namespace, name: str, x: np.ndarray) -> None:
             drive_calls(make, call, 4, 1.0)  # warm-up
             for c in (1, 32):
                 r = drive_calls(make, call, c, args.seconds)
+                del r["records"]
                 r.update(protocol=label, clients=c)
                 rows.append(r)
                 console.print(f"{label:32s} clients={c:3d} {r['rps']:8.1f} req/s  mean {r['mean_ms']:7.2f} ms  "

@@ -198,13 +198,14 @@ class OutOfRange(InvalidInput):
     code = "out_of_range"
 
 
-# (normalization object, low, high) per (id of a manifest's normalization, max_sigma): the bounds
-# are computed once per loaded version, not per request.
-_RANGES: dict[tuple[int, float], tuple[Any, np.ndarray, np.ndarray]] = {}
+# (normalization object, mean, std, low, high) per (id of a manifest's normalization, max_sigma):
+# computed once per loaded version, not per request.
+_RANGES: dict[tuple[int, float], tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
-def _range(manifest: Manifest, max_sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per feature, the lowest and highest raw value within `max_sigma` training deviations."""
+def _range(manifest: Manifest, max_sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per feature: the training mean, std (0 read as 1), and the lowest and highest raw value
+    within `max_sigma` training deviations."""
     norm = manifest.normalization
     hit = _RANGES.get((id(norm), max_sigma))
     if hit is None or hit[0] is not norm:
@@ -213,8 +214,8 @@ def _range(manifest: Manifest, max_sigma: float) -> tuple[np.ndarray, np.ndarray
         mean = np.asarray(norm.mean, dtype=np.float64)
         std = np.asarray(norm.std, dtype=np.float64)
         std = np.where(std > 0, std, 1.0)
-        hit = _RANGES[(id(norm), max_sigma)] = (norm, mean - max_sigma * std, mean + max_sigma * std)
-    return hit[1], hit[2]
+        hit = _RANGES[(id(norm), max_sigma)] = (norm, mean, std, mean - max_sigma * std, mean + max_sigma * std)
+    return hit[1:]
 
 
 def within_range(x: np.ndarray, manifest: Manifest, max_sigma: float | None, field: str) -> np.ndarray:
@@ -223,12 +224,9 @@ def within_range(x: np.ndarray, manifest: Manifest, max_sigma: float | None, fie
     normalization); `max_sigma` None: no bound."""
     if max_sigma is None:
         return x
-    lo, hi = _range(manifest, max_sigma)
+    mean, std, lo, hi = _range(manifest, max_sigma)
     if not ((x < lo) | (x > hi)).any():
         return x
-    mean = np.asarray(manifest.normalization.mean, dtype=np.float64)
-    std = np.asarray(manifest.normalization.std, dtype=np.float64)
-    std = np.where(std > 0, std, 1.0)
     z = np.abs(x.astype(np.float64) - mean) / std
     bad = z > max_sigma
     if bad.any():

@@ -37,8 +37,8 @@ from training.models import GATES
 log = logging.getLogger("icaserve.runtime")
 
 # Largest per-row intermediate a model call may hold at once, in elements (16 MB of float32). The
-# ICA embedding is rows x T x r x N (rows x T x r x min(N, G) in the folded form); past glibc's mmap threshold (32 MB at most) every such buffer
-# is mmapped and zeroed afresh per call. Measured on the shipped model (2-core EPYC, one thread):
+# ICA embedding is rows x T x r x N (rows x T x r x min(N, G) in the folded form, `step_width`);
+# past glibc's mmap threshold (32 MB at most) every such buffer is mmapped and zeroed afresh per call. Measured on the shipped model (2-core EPYC, one thread):
 # chunking merged batches to this budget made a 32-sequence gradient 1.75x faster per sequence
 # and 8 merged 16-step integrated-gradients requests 2.3x faster.
 CHUNK_ELEMENTS = 4_000_000

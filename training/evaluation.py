@@ -125,31 +125,33 @@ def score_saliency(saliency: np.ndarray, masks: np.ndarray) -> dict[str, float]:
     return out
 
 
+def _box_share(R: np.ndarray, S: np.ndarray, along: int) -> np.ndarray:
+    """Per sample, the share of |saliency| on the box's extent along axis `along` (1: time steps,
+    2: features) of (S, T, N) maps, the other axis summed; NaN where the map is all zero or the
+    mask empty."""
+    R, S = np.asarray(R, dtype=bool), np.abs(np.asarray(S, dtype=np.float64))
+    other = 3 - along
+    covered = R.any(axis=other)  # (S, T) or (S, N)
+    mass = S.sum(axis=other)
+    total = mass.sum(axis=1)
+    inside = (mass * covered).sum(axis=1)
+    ok = (total > 0) & covered.any(axis=1)
+    return np.divide(inside, total, out=np.full(len(R), np.nan), where=ok)
+
+
 def box_time_mass(R: np.ndarray, S: np.ndarray) -> np.ndarray:
     """Per sample, the share of saliency mass on the time steps the box covers (any feature);
     NaN where the map is all zero or the mask empty. A time-only view of "where the evidence
     was": uniform saliency scores the share of steps in the box, vanishing saliency ~0 for an
     early box."""
-    R, S = np.asarray(R, dtype=bool), np.abs(np.asarray(S, dtype=np.float64))
-    steps = R.any(axis=2)  # (S, T)
-    per_step = S.sum(axis=2)
-    total = per_step.sum(axis=1)
-    inside = (per_step * steps).sum(axis=1)
-    ok = (total > 0) & steps.any(axis=1)
-    return np.divide(inside, total, out=np.full(len(R), np.nan), where=ok)
+    return _box_share(R, S, along=1)
 
 
 def box_feature_mass(R: np.ndarray, S: np.ndarray) -> np.ndarray:
     """Per sample, the share of saliency mass on the features the box covers (any time step);
     NaN where the map is all zero or the mask empty. The feature-only view: uniform saliency
     scores the box's share of features."""
-    R, S = np.asarray(R, dtype=bool), np.abs(np.asarray(S, dtype=np.float64))
-    feats = R.any(axis=1)  # (S, N)
-    per_feature = S.sum(axis=1)
-    total = per_feature.sum(axis=1)
-    inside = (per_feature * feats).sum(axis=1)
-    ok = (total > 0) & feats.any(axis=1)
-    return np.divide(inside, total, out=np.full(len(R), np.nan), where=ok)
+    return _box_share(R, S, along=2)
 
 
 def chance_levels(masks: np.ndarray) -> dict[str, float]:

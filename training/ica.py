@@ -53,18 +53,21 @@ class InputCellAttention(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """M_t for every t, shape (B, T, r, N)."""
-        e = self.scores(x)
-        # Softmax is shift-invariant, so the shift carries no gradient.
-        shift = e.detach().amax(dim=1, keepdim=True)
-        z = e - shift
-        xs = x
-        if x.dtype != torch.float64 and self.score_spread_bound() > self.float32_safe_spread:
-            z = z.double()
-            xs = x.double()
-        w = torch.exp(z)  # (B, T, r), in (0, 1]
+        w, xs = self._prefix_weights(x, x)
         num = torch.cumsum(w.unsqueeze(-1) * xs.unsqueeze(2), dim=1)  # (B, T, r, N)
         den = torch.cumsum(w, dim=1).unsqueeze(-1)  # (B, T, r, 1)
         return (num / den).to(x.dtype)
+
+    def _prefix_weights(self, x: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """exp(e_s - max_s e_s), shape (B, T, r), in (0, 1], and `values`, both in the dtype the
+        prefix sums run in: the input's, or float64 past the safe score spread (module docstring)."""
+        e = self.scores(x)
+        # Softmax is shift-invariant, so the shift carries no gradient.
+        z = e - e.detach().amax(dim=1, keepdim=True)
+        if x.dtype != torch.float64 and self.score_spread_bound() > self.float32_safe_spread:
+            z = z.double()
+            values = values.double()
+        return torch.exp(z), values
 
     def score_spread_bound(self) -> float:
         """Upper bound of max_s e_s - min_s e_s for any input: 2 max_j |W2_j|_1 (|tanh| <= 1)."""
@@ -89,26 +92,18 @@ class InputCellAttention(nn.Module):
         would also compute the weight gradients that an explanation never uses.
         The hop sum weighs each hop's prefix sum by 1 / (its prefix weight), as a small matmul over
         hops, so no (B, T, r, G)-sized division or its backward is ever formed.
-        Same weights, same shift and float64 fallback as `embed`.
+        Same weights, shift and float64 fallback as `embed` (`_prefix_weights`).
         """
         g = w_ih.shape[0]
         if g >= self.n_features:
-            m = self.embed(x)
-            cell_in = m.flatten(2) if self.variant == "matrix" else m.mean(dim=2)
-            return torch.matmul(cell_in, w_ih.t())
-        e = self.scores(x)
-        shift = e.detach().amax(dim=1, keepdim=True)
-        z = e - shift
+            return torch.matmul(self.forward(x), w_ih.t())
         if self.variant == "matrix":
             # rows ordered (hop, gate): (r*G, N), so x @ it.T is (B, T, r, G)
             blocks = w_ih.reshape(g, self.r, self.n_features).transpose(0, 1).reshape(self.r * g, self.n_features)
             p = torch.matmul(x, blocks.t()).reshape(x.shape[0], x.shape[1], self.r, g)
         else:
             p = torch.matmul(x, w_ih.t()).unsqueeze(2) / self.r  # (B, T, 1, G), shared by every hop
-        if x.dtype != torch.float64 and self.score_spread_bound() > self.float32_safe_spread:
-            z = z.double()
-            p = p.double()
-        w = torch.exp(z)  # (B, T, r), in (0, 1]
+        w, p = self._prefix_weights(x, p)
         num = torch.cumsum(w.unsqueeze(-1) * p, dim=1)  # (B, T, r, G)
         inv_den = torch.reciprocal(torch.cumsum(w, dim=1)).unsqueeze(-2)  # (B, T, 1, r)
         return torch.matmul(inv_den, num).squeeze(-2).to(x.dtype)
