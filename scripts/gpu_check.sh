@@ -3,10 +3,12 @@
 # CUDA torch and no package registry. It prints the GPU (nvidia-smi) and the torch / CUDA / cuDNN /
 # NCCL versions, installs from gpu_wheels/ (filled here by scripts/gpu_wheels.sh) whatever the tests
 # import that is missing or at another version than requirements/lock.txt's, runs the CUDA tests
-# (`pytest -m cuda -v`, tests/test_cuda.py) and then benchmarks/bench_ica.py (it has no device
-# option: it measures the CPU path; --no-write, so no tracked file changes).
-# Everything printed also goes to $OUT/gpu_check.log (with junit.xml, nvidia-smi.txt and
-# bench_ica.txt beside it) when OUT is set, else to a fresh folder under /tmp.
+# (`pytest -m cuda -v`, tests/test_cuda.py) and then benchmarks/bench_gpu.py: ICA forward +
+# input-gradient on CUDA vs its step-by-step definition and vs the CPU, the shipped model's batches
+# in-process, and a real server with ICASERVE_DEVICE=cuda beside a CPU one (it writes gpu.json;
+# `python benchmarks/bench_gpu.py --render gpu.json` puts its tables into BENCHMARKS.md).
+# Everything printed also goes to $OUT/gpu_check.log (with junit.xml, nvidia-smi.txt, gpu.json and
+# bench_gpu.txt beside it) when OUT is set, else to a fresh folder under /tmp.
 #
 #   bash scripts/gpu_check.sh                      # on the lent machine: carry gpu_wheels/, timeout ~540 s
 #   GPU_CHECK_BENCH=0 bash scripts/gpu_check.sh     # without the benchmark
@@ -78,7 +80,7 @@ fi
 import importlib
 
 for mod in ("numpy", "pydantic", "pydantic_settings", "fastapi", "uvicorn", "orjson", "httpx", "prometheus_client",
-            "pythonjsonlogger", "rich", "captum", "pytest"):
+            "pythonjsonlogger", "rich", "captum", "pytest", "httptools", "typer"):
     try:
         m = importlib.import_module(mod)
         print(f"{mod:18} {getattr(m, '__version__', 'ok')}")
@@ -93,8 +95,9 @@ tests_rc=$?
 echo "pytest exit status: $tests_rc"
 
 if [[ "${GPU_CHECK_BENCH:-1}" != 0 ]]; then
-  step "benchmarks/bench_ica.py (CPU path; it has no device option)"
-  timeout 180 "$PY" benchmarks/bench_ica.py --no-write 2>&1 | tee "$OUT_DIR/bench_ica.txt"
+  step "benchmarks/bench_gpu.py (ICA, the shipped model and a real server, CUDA beside the CPU)"
+  PYTHONUNBUFFERED=1 timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" "$PY" benchmarks/bench_gpu.py --out "$OUT_DIR" \
+    2>&1 | tee "$OUT_DIR/bench_gpu.txt"
   echo "benchmark exit status: ${PIPESTATUS[0]}"
 fi
 

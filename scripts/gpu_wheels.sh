@@ -2,7 +2,8 @@
 # Fills gpu_wheels/ (git-ignored) with the wheels scripts/gpu_check.sh installs on a lent GPU
 # machine, which has Python 3.12 and a CUDA torch but no package registry: what the service and
 # tests/test_cuda.py import besides torch, at the versions in requirements/lock.txt, as CPython 3.12
-# x86-64 Linux wheels. No torch and no ONNX packages (the CUDA tests need neither), so the folder
+# x86-64 Linux wheels (httptools: the server's HTTP protocol builds on uvicorn's httptools one; typer at
+# the lock's version for the CLI). No torch and no ONNX packages (the CUDA tests need neither), so the folder
 # stays well under the 64 MiB that may travel to that machine.
 #
 #   bash scripts/gpu_wheels.sh            # then hand gpu_wheels/ to the GPU run (carry it)
@@ -16,7 +17,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # Distribution names, with everything they need that a bare CUDA-torch install lacks.
 PACKAGES=(
   fastapi starlette annotated-doc typing-inspection opentelemetry-api anyio idna
-  uvicorn h11 click
+  uvicorn h11 click httptools
+  typer shellingham
   pydantic pydantic-core annotated-types typing-extensions
   pydantic-settings python-dotenv
   orjson python-json-logger prometheus-client
