@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,6 +23,7 @@ from icaserve.tuning import tune_malloc
 from service import api, errors, metrics, v1, v2
 from service.dataplane import DataPlane
 from service.errors import ApiError, PayloadTooLarge, error_body
+from service.fast_path import FastPath
 from service.logs import REQUEST_ID, configure_logging
 from service.registry import ModelRegistry
 from service.runtime import pick_device
@@ -54,11 +55,20 @@ class RequestContext:
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float = 30.0,
-                 retry_after_s: int = 1) -> None:
+                 retry_after_s: int = 1, fast_path: FastPath | None = None) -> None:
         self.app = app
+        self.fast_path = fast_path  # the busiest routes, served past the router (service/fast_path.py)
         self.max_body = max_body_bytes
         self.body_timeout = body_timeout_s
         self.retry_after = retry_after_s
+
+    @staticmethod
+    async def _internal_error(scope: Scope, receive: Receive, send: Send, exc: Exception) -> None:
+        handler = scope["app"].exception_handlers.get(Exception)
+        if handler is None:
+            raise exc
+        response = await handler(Request(scope, receive), exc)
+        await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,11 +154,19 @@ class RequestContext:
                 await refuse(413, "payload_too_large", f"request body over {self.max_body} bytes", "body", [])
             else:
                 try:
-                    await self.app(app_scope, limited_receive, send_with_id)
-                except Exception:
-                    if not client_gone or status["started"]:
+                    fast = self.fast_path.match(app_scope) if self.fast_path is not None else None
+                    if fast is not None:
+                        await self.fast_path.serve(fast, app_scope, limited_receive, send_with_id)
+                    else:
+                        await self.app(app_scope, limited_receive, send_with_id)
+                except Exception as exc:
+                    if status["started"]:  # too late for an error answer: the server closes the connection
                         raise
-                    # The client left mid-request (typically mid-body): there is nobody to answer
+                    if not client_gone:
+                        # A bug: the app's catch-all handler logs it and answers 500 in the error
+                        # format, here, so the answer carries the request id like every other.
+                        await self._internal_error(app_scope, limited_receive, send_with_id, exc)
+                    # Else the client left mid-request (typically mid-body): there is nobody to answer
                     # and nothing failed here, so no 500 and no traceback; counted below as 499.
         finally:
             if counted:
@@ -239,5 +257,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
-                       retry_after_s=settings.retry_after_s)
+                       retry_after_s=settings.retry_after_s, fast_path=FastPath(app, api.router.routes) if settings.fast_path else None)
     return app

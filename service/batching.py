@@ -84,6 +84,11 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._running = False  # the worker holds jobs (collecting, computing or answering them)
         self._closed = False  # drain_and_stop was called: no new jobs
+        # this queue's metric children, looked up once (labels() costs a lookup per call)
+        self._depth = metrics.QUEUE_DEPTH.labels(name)
+        self._wait_hist = metrics.QUEUE_WAIT_SECONDS.labels(name)
+        self._compute_hist = metrics.COMPUTE_SECONDS.labels(name)
+        self._batch_hist = metrics.BATCH_SIZE.labels(name)
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -109,7 +114,7 @@ class Batcher:
         if timings is not None:
             job.timings = timings
         self._queue.append(job)
-        metrics.QUEUE_DEPTH.labels(self.name).inc()
+        self._depth.inc()
         self._arrived.set()
         self.start()
         try:
@@ -129,7 +134,7 @@ class Batcher:
         except ValueError:
             pass  # the worker has it already
         else:
-            metrics.QUEUE_DEPTH.labels(self.name).dec()
+            self._depth.dec()
         job.future.cancel()
 
     def _take(self, run: RunBatch, jobs: list[Job], size: int) -> int:
@@ -177,7 +182,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = await self._collect()
-            metrics.QUEUE_DEPTH.labels(self.name).dec(len(jobs))
+            self._depth.dec(len(jobs))
             now = time.perf_counter()
             live = []
             for job in jobs:
@@ -186,7 +191,7 @@ class Batcher:
                 if now > job.deadline:
                     job.future.set_exception(Expired(self.name))
                     continue
-                metrics.QUEUE_WAIT_SECONDS.labels(self.name).observe(now - job.enqueued)
+                self._wait_hist.observe(now - job.enqueued)
                 live.append(job)
             if not live:
                 self._running = False
@@ -208,8 +213,8 @@ class Batcher:
             finally:
                 self._running = False  # the answers below are delivered without yielding
             model_s = time.perf_counter() - start
-            metrics.COMPUTE_SECONDS.labels(self.name).observe(model_s)
-            metrics.BATCH_SIZE.labels(self.name).observe(len(sequences))
+            self._compute_hist.observe(model_s)
+            self._batch_hist.observe(len(sequences))
             metrics.sample_gpu()  # every worker keeps its own CUDA memory gauge current
             offset = 0
             for job in live:
@@ -239,7 +244,7 @@ class Batcher:
                 pass
         left, self._queue = list(self._queue), deque()
         if left:
-            metrics.QUEUE_DEPTH.labels(self.name).dec(len(left))
+            self._depth.dec(len(left))
             self._fail(left, Stopped(self.name))
         self.executor.shutdown(wait=False)
 

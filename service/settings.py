@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     tune_malloc: bool = False
     poll_interval_s: float = Field(5.0, ge=0)  # how often to look for new versions; 0 turns polling off
     max_versions_loaded: int = Field(4, ge=1)  # per model, latest always kept
+    # POST /predict and /explain past FastAPI's router, same endpoint code (service/fast_path.py)
+    fast_path: bool = True
 
     # Dynamic batching
     batching: bool = True
