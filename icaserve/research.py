@@ -58,7 +58,8 @@ def _metric_table(title: str, rows: list[tuple[str, str, dict[str, float]]]) -> 
 
 
 def reproduce(
-    quick: bool = typer.Option(False, "--quick", help="one dataset, LSTM vs ICA-LSTM, T=N=40, 400 samples, 15 epochs"),
+    quick: bool = typer.Option(
+        False, "--quick", help="one dataset, LSTM vs ICA-LSTM, both recipes, T=N=40, 400 samples, short caps"),
     datasets: Optional[str] = typer.Option(None, help="comma-separated synthetic datasets (default: all six)"),
     models: Optional[str] = typer.Option(
         None, help="comma-separated: lstm, bilstm, lstm_self, ica_lstm, ica_lstm_mean, gru, ica_gru, rnn, ica_rnn"),
@@ -73,18 +74,37 @@ def reproduce(
     tsr_models: Optional[str] = typer.Option(None, help="comma-separated models that get TSR (default lstm,ica_lstm)"),
     tsr_datasets: Optional[str] = typer.Option(None, help="comma-separated datasets with TSR (default: all run)"),
     jobs: Optional[int] = typer.Option(None, min=1, help="worker processes (one thread each)"),
+    recipes: Optional[str] = typer.Option(
+        None, help="comma-separated training settings: paper (the paper's), localise (the recipe); default both"),
+    recipe_models: Optional[str] = typer.Option(
+        None, help="comma-separated models also trained with the recipe (default: every model run)"),
+    localise_epochs: Optional[int] = typer.Option(None, min=1, help="epoch cap of the recipe runs (default 300)"),
+    quality_models: Optional[str] = typer.Option(
+        None, help="comma-separated models whose explanations are scored per method (default: every model)"),
+    quality_samples: Optional[int] = typer.Option(
+        None, min=0, help="test samples scored per method (default 100; 0: no per-method quality)"),
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="output folder (default reports/, quick: runs/reproduce-quick/)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Reproduce the paper: accuracy and saliency quality of plain and ICA models on the box datasets."""
-    from training.reproduce import ReproConfig, main_table, run_reproduction
+    from training.reproduce import (
+        ReproConfig,
+        estimated_seconds,
+        main_table,
+        record_label,
+        render_targets,
+        run_reproduction,
+    )
 
     changes: dict[str, Any] = {"seed": seed}
     for key, value in (("epochs", epochs), ("ica_epochs", ica_epochs), ("patience", patience), ("n_train", n_train), ("n_test", n_test),
                        ("T", length), ("N", features), ("tsr_samples", tsr_samples), ("jobs", jobs),
                        ("datasets", _split(datasets)), ("models", _split(models)),
-                       ("tsr_models", _split(tsr_models)), ("tsr_datasets", _split(tsr_datasets))):
+                       ("tsr_models", _split(tsr_models)), ("tsr_datasets", _split(tsr_datasets)),
+                       ("recipes", _split(recipes)), ("recipe_models", _split(recipe_models)),
+                       ("localise_epochs", localise_epochs), ("quality_models", _split(quality_models)),
+                       ("quality_samples", quality_samples)):
         if value is not None:
             changes[key] = value
     try:
@@ -93,12 +113,18 @@ def reproduce(
         _fail(str(exc))
     out = out or (REPO / "runs" / "reproduce-quick" if quick else REPO / "reports")
     command = "icaserve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    # Every job to its epoch cap on idle cores as fast as the reference machine: an upper guide.
+    console.print(f"{len(cfg.jobs_list())} jobs on {cfg.jobs} workers; worst case (every epoch cap reached) "
+                  f"~{estimated_seconds(cfg) / 60:.1f} min on an idle machine like the reference one")
     result = run_reproduction(cfg, out, progress=progress, command=command)
     Console().print(_metric_table(f"gradient saliency, test set ({result['seconds'] / 60:.1f} min)",
                                   main_table(result)))
-    tsr_rows = [(r["dataset"], r["label"] + " + TSR", r["tsr"]) for r in result["results"] if "tsr" in r]
+    tsr_rows = [(r["dataset"], record_label(r) + " + TSR", r["tsr"]) for r in result["results"] if "tsr" in r]
     if tsr_rows:
         Console().print(_metric_table(f"TSR, first {cfg.tsr_samples} test samples", tsr_rows))
+    Console().print("Targets (ICA-LSTM, recipe):", markup=False)
+    for line in render_targets(result["targets"]):
+        Console().print(line.replace("**", ""), markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {out / 'reproduction.md'}")
 
 

@@ -290,14 +290,23 @@ def test_evaluate_an_npz_with_masks(trained_checkpoint, tmp_path):
     assert scores["n"] == 2
 
 
-# -- the quick reproduction: the paper's claim ---------------------------------------------------
-def test_quick_reproduction_shows_the_papers_claim(tmp_path):
+# -- the quick reproduction: the paper's claim, the recipe, quality per method --------------------
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[dict, Path]:
+    """The quick reproduction, run once for the tests below: both recipes, LSTM and ICA-LSTM."""
+    from training.reproduce import ReproConfig, run_reproduction
+
+    out = tmp_path_factory.mktemp("reproduce")
+    return run_reproduction(ReproConfig.quick_mode(), out, progress=False), out
+
+
+def test_quick_reproduction_shows_the_papers_claim(quick_run):
     """ICA-LSTM reaches high accuracy and a weighted Jaccard clearly above the plain LSTM's on
     the earlier box, where the LSTM's saliency has vanished before reaching the box."""
-    from training.reproduce import ReproConfig, claim_check, run_reproduction
+    from training.reproduce import claim_check
 
-    result = run_reproduction(ReproConfig.quick_mode(), tmp_path, progress=False)
-    by = {r["model"]: r for r in result["results"]}
+    result, out = quick_run
+    by = {r["model"]: r for r in result["results"] if r["recipe"] == "paper"}
     lstm, ica = by["lstm"], by["ica_lstm"]
     assert ica["test_accuracy"] >= 0.95
     assert ica["gradient"]["weighted_jaccard"] > lstm["gradient"]["weighted_jaccard"] + 0.05
@@ -306,11 +315,160 @@ def test_quick_reproduction_shows_the_papers_claim(tmp_path):
     assert lstm["gradient"]["auc"] < 0.2 < ica["gradient"]["auc"]
     late = np.asarray(lstm["profile"])[-5:].sum()
     assert late > 0.5 > np.asarray(ica["profile"])[-5:].sum()
-    assert all(c["holds"] for c in claim_check(result["results"]))
+    checks = claim_check(result["results"])  # on the paper's rows only, one per pair
+    assert len(checks) == 1 and checks[0]["holds"]
     assert "tsr" in ica and ica["tsr"]["n"] == 4
 
-    report = (tmp_path / "reproduction.md").read_text()
+    report = (out / "reproduction.md").read_text()
     assert "ICA-LSTM (matrix)" in report and "quick mode" in report
-    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
-    assert figures == ["earlier_box_saliency.png", "earlier_box_time_profile.png", "time_profiles.png"]
-    assert json.loads((tmp_path / "reproduction.json").read_text())["settings"]["quick"] is True
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["earlier_box_saliency.png", "earlier_box_time_profile.png", "recipe_saliency.png",
+                       "time_profiles.png"]
+    assert json.loads((out / "reproduction.json").read_text())["settings"]["quick"] is True
+
+
+def test_quick_reproduction_runs_both_recipes_with_quality_per_method(quick_run):
+    """Issue 11 part 3: every (model, recipe) is a record with its training settings and the
+    per-method explanation quality (finite AUCs), TSR reused from the TSR run, not recomputed."""
+    from training.evaluation import QUALITY_METHODS
+    from training.train import RECIPES
+
+    result, _ = quick_run
+    records = result["results"]
+    assert [(r["model"], r["recipe"]) for r in records] == [
+        ("lstm", "paper"), ("lstm", "localise"), ("ica_lstm", "paper"), ("ica_lstm", "localise")]
+    for r in records:
+        cap = 30 if r["recipe"] == "localise" else (12 if r["model"] == "ica_lstm" else 40)
+        assert r["epoch_cap"] == cap and 1 <= r["best_epoch"] <= r["epochs_run"] <= cap
+        assert r["stopped"] in ("plateau", "cap")
+        wd = RECIPES["localise"]["weight_decay"] if r["recipe"] == "localise" else 0.0
+        assert r["training"]["weight_decay"] == wd
+        assert r["training"]["select"] == ("loss" if r["recipe"] == "localise" else "accuracy")
+        q = r["quality"]
+        assert q["n_samples"] == 20 and q["dataset"] == "earlier_box"
+        assert list(q["methods"]) == list(QUALITY_METHODS)  # TSR runs for both models in quick mode
+        for name, scores in q["methods"].items():
+            assert np.isfinite(scores["auc"]) and 0.0 <= scores["auc"] <= 1.0, (r["model"], name)
+            assert scores["n"] == (4 if name == "tsr" else 20)
+        # The quality's TSR entry scores the maps the TSR run made (same samples, same numbers).
+        assert q["methods"]["tsr"]["auc"] == pytest.approx(r["tsr"]["auc"])
+        assert 0.0 < q["chance"]["box_time_mass"] < 1.0
+    json.dumps(result["results"], allow_nan=False)  # quality has no NaN
+    assert all("recipe" in r for r in json.loads((quick_run[1] / "reproduction.json").read_text())["results"])
+
+
+def test_quick_reproduction_report_has_recipe_sections_and_targets(quick_run):
+    from training.reproduce import render_targets
+
+    result, out = quick_run
+    report = (out / "reproduction.md").read_text()
+    for heading in ("## The paper's claim, checked", "## Training recipe vs the paper's settings",
+                    "## Explanation quality per method", "## Targets (ICA-LSTM, recipe)"):
+        assert heading in report
+    recipe_table = report.split("## Training recipe vs the paper's settings")[1].split("\n## ")[0]
+    assert recipe_table.count("| earlier_box |") == 4
+    assert "| localise |" in recipe_table and "| paper |" in recipe_table
+    targets = result["targets"]
+    assert len(targets) == 4
+    # Quick mode runs the earlier box only: measured there, the other datasets named as not run.
+    acc = targets[0]
+    assert [v["dataset"] for v in acc["values"]] == ["earlier_box"]
+    assert "mixed_boxes" in acc["missing"] and acc["status"] in ("met (partial)", "NOT met")
+    assert targets[2]["status"] == "not measured"  # mixed boxes only
+    for line in render_targets(targets):
+        assert line in report
+    # The report's claim section keeps the paper's rows only (one row per pair, as before).
+    claim = report.split("## The paper's claim, checked")[1].split("\n## ")[0]
+    assert claim.count("| earlier_box |") == 1
+
+
+def _record(dataset, model="ica_lstm", recipe="localise", acc=1.0, auc=0.95, best=None, chance=0.3, share=0.7):
+    methods = {"gradient": {"auc": auc, "box_time_mass": share, "n": 10}}
+    if best:
+        methods[best[0]] = {"auc": best[1], "box_time_mass": best[2], "n": 10}
+    return {"dataset": dataset, "model": model, "recipe": recipe, "label": "ICA-LSTM (matrix)",
+            "test_accuracy": acc, "gradient": {"auc": auc, "box_time_mass": share}, "box_time_share": chance,
+            "quality": {"accuracy": acc, "methods": methods, "chance": {"auc": 0.5, "box_time_mass": chance}}}
+
+
+def test_targets_check_evaluates_the_four_targets():
+    from training.reproduce import ALL_DATASETS, targets_check
+
+    records = [_record(d) for d in ALL_DATASETS if d != "mixed_boxes"]
+    records.append(_record("mixed_boxes", auc=0.6, best=("integrated_gradients", 0.85, 0.65), chance=0.6))
+    records.append(_record("earlier_box", recipe="paper", acc=0.5, auc=0.5))  # ignored: not the recipe
+    records.append(_record("earlier_box", model="lstm", acc=0.5, auc=0.1))  # ignored: not ICA-LSTM
+    acc, grad_auc, mixed, box_time = targets_check(records)
+    assert acc["status"] == "met" and grad_auc["status"] == "met" and not acc["missing"]
+    assert mixed["status"] == "met" and mixed["values"][0]["method"] == "integrated_gradients"
+    assert mixed["values"][0]["value"] == pytest.approx(0.85)
+    # 2 x chance = 1.2 on mixed boxes: no share can reach it, and the check says NOT met.
+    assert box_time["status"] == "NOT met"
+    failed = [v for v in box_time["values"] if not v["met"]]
+    assert [v["dataset"] for v in failed] == ["mixed_boxes"] and failed[0]["needed"] == pytest.approx(1.2)
+
+    records[1] = _record("middle_box", acc=0.97, auc=0.89)
+    acc, grad_auc, *_ = targets_check(records)
+    assert acc["status"] == "NOT met" and grad_auc["status"] == "NOT met"
+    assert [v["dataset"] for v in grad_auc["values"] if not v["met"]] == ["middle_box"]
+    assert all(t["status"] == "not measured" for t in targets_check([_record("earlier_box", recipe="paper")]))
+    nan = _record("earlier_box", auc=float("nan"))
+    nan["quality"]["methods"]["gradient"]["auc"] = None
+    assert targets_check([nan])[1]["status"] == "NOT met"  # a NaN AUC is not a pass
+
+
+def test_repro_config_refuses_unknown_recipes_and_models():
+    from icaserve.cli import app
+    from training.reproduce import ReproConfig
+
+    with pytest.raises(ValueError, match="recipe"):
+        ReproConfig(recipes=["paper", "fancy"])
+    with pytest.raises(ValueError, match="recipe"):
+        ReproConfig(recipes=[])
+    with pytest.raises(ValueError, match="model"):
+        ReproConfig(recipe_models=["transformer"])
+    with pytest.raises(ValueError, match="model"):
+        ReproConfig(quality_models=["nope"])
+    with pytest.raises(ValueError, match="localise_epochs"):
+        ReproConfig(localise_epochs=0)
+    with pytest.raises(ValueError, match="quality_samples"):
+        ReproConfig(quality_samples=-1)
+    with pytest.raises(ValueError, match="nothing to run"):
+        ReproConfig(models=["lstm"], recipes=["localise"], recipe_models=["ica_lstm"])
+    cfg = ReproConfig(models=["lstm", "ica_lstm"], recipe_models=["ica_lstm"], datasets=["earlier_box"])
+    assert [(j.model, j.recipe) for j in cfg.jobs_list()] == [
+        ("lstm", "paper"), ("ica_lstm", "paper"), ("ica_lstm", "localise")]
+    assert cfg.train_config("ica_lstm", "localise").weight_decay > 0
+    assert cfg.train_config("ica_lstm", "paper").epochs == cfg.ica_epochs
+
+    res = CliRunner().invoke(app, ["reproduce", "--quick", "--recipes", "paper,fancy", "--no-progress"])
+    assert res.exit_code == 2 and "fancy" in res.output
+
+
+def test_reproduce_command_wires_the_recipe_flags_and_prints_the_targets(monkeypatch, tmp_path):
+    """The flags reach ReproConfig; the checklist and the report path are printed at the end."""
+    import training.reproduce as repro
+    from icaserve.cli import app
+
+    seen = {}
+
+    def fake_run(cfg, out, *, progress=True, command=None):
+        seen["cfg"] = cfg
+        records = [_record("earlier_box")]
+        return {"seconds": 1.0, "results": [], "targets": repro.targets_check(records)}
+
+    monkeypatch.setattr(repro, "run_reproduction", fake_run)
+    res = CliRunner().invoke(app, [
+        "reproduce", "--datasets", "earlier_box,mixed_boxes", "--models", "lstm,ica_lstm,gru",
+        "--recipes", "localise", "--recipe-models", "ica_lstm", "--localise-epochs", "7",
+        "--quality-models", "ica_lstm,gru", "--quality-samples", "9", "--out", str(tmp_path), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    assert cfg.recipes == ["localise"] and cfg.recipe_models == ["ica_lstm"] and cfg.localise_epochs == 7
+    assert cfg.quality_models == ["ica_lstm", "gru"] and cfg.quality_samples == 9
+    # "localise" alone: only the recipe models run, one job per dataset.
+    assert [(j.dataset, j.model, j.recipe) for j in cfg.jobs_list()] == [
+        ("earlier_box", "ica_lstm", "localise"), ("mixed_boxes", "ica_lstm", "localise")]
+    assert "Targets (ICA-LSTM, recipe)" in res.output
+    assert "test accuracy >= 0.98 on every dataset: met (partial)" in res.output
+    assert "reproduction.md" in res.output
