@@ -1,7 +1,8 @@
 """What ships, exercised for real: the demo model in the repo's own store, the ONNX /predict
 backend, and every client in examples/, each against a real uvicorn server on loopback.
 
-- The shipped model (model_store/middle-box-ica-lstm/1), served straight from the repo's store as
+- The shipped model (model_store/middle-box-ica-lstm, latest version 2: trained with the localise
+  recipe; version 1 stays, and tests/test_runtime.py loads it), served straight from the repo's store as
   `icaserve serve` does by default: it loads, classifies fresh middle_box data as well as its
   manifest says, and its answers (logits, gradient saliency, attention) equal the same TorchScript
   run in-process.
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 STORE = REPO / "model_store"
 NAME = "middle-box-ica-lstm"
+VERSION = 2  # the latest, which the service serves by default
 T = N = 100
 CLASSES = ["negative", "positive"]
 CONCURRENT = 16
@@ -51,7 +53,7 @@ class Reference:
     def __init__(self) -> None:
         from model_store import ModelStore
 
-        manifest, data = ModelStore(STORE).read_file(NAME, 1, "torchscript")
+        manifest, data = ModelStore(STORE).read_file(NAME, VERSION, "torchscript")
         self.module = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
         self.mean = torch.tensor(manifest.normalization.mean, dtype=torch.float32)
         self.std = torch.tensor(manifest.normalization.std, dtype=torch.float32)
@@ -102,7 +104,7 @@ def predict_logits(c: httpx.Client, seqs: list[np.ndarray], path: str = "/predic
     r = c.post(path, json={"inputs": [s.tolist() for s in seqs]})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert (body["model"], body["version"]) == (NAME, 1)
+    assert (body["model"], body["version"]) == (NAME, VERSION)
     return [np.asarray(p["logits"]) for p in body["predictions"]]
 
 
@@ -117,12 +119,12 @@ def test_shipped_model_is_listed_and_ready(torch_server):
         assert body["default"] == NAME
         assert [m["name"] for m in body["models"]] == [NAME]  # store.py and friends are not models
         one = body["models"][0]
-        assert one["versions"] == [1] and one["serving_version"] == 1
+        assert one["versions"] == [1, VERSION] and one["serving_version"] == VERSION
         man = one["manifest"]
         assert man["input"]["n_features"] == N and man["input"]["class_names"] == CLASSES
         assert man["architecture"]["attention"] == "ica" and set(man["files"]) == {"torchscript", "onnx"}
         loaded = c.get("/metrics").text
-        assert metric(loaded, "icaserve_model_loaded", model=NAME, version="1", backend="torch") == 1
+        assert metric(loaded, "icaserve_model_loaded", model=NAME, version=str(VERSION), backend="torch") == 1
 
 
 def test_shipped_model_classifies_middle_box_data(torch_server, reference):
@@ -143,6 +145,29 @@ def test_shipped_model_classifies_middle_box_data(torch_server, reference):
     np.testing.assert_allclose([p["logits"] for p in preds], want, rtol=1e-4, atol=1e-5)
 
 
+def test_shipped_model_explanations_point_at_the_box(torch_server):
+    """The served version (trained with the localise recipe) localises: on fresh middle_box
+    positives, integrated gradients from /explain rank the box's cells above the rest (ROC-AUC of
+    the saliency as a box detector; 0.5 = chance) as its manifest's explanation_quality says, and
+    /models shows that quality per method so a client can pick the method."""
+    from training.datasets import synthetic_splits
+    from training.evaluation import roc_auc
+
+    _, test = synthetic_splits("middle_box", n_train=2, n_test=24, T=T, N=N, seed=4321)
+    pos = test.y == 1
+    x, masks = test.X[pos][:6], test.masks[pos][:6]
+    with torch_server.client() as c:
+        r = c.post("/explain", json={"inputs": x.tolist(), "method": "integrated_gradients",
+                                     "parameters": {"steps": 16}})
+        assert r.status_code == 200, r.text
+        listed = c.get(f"/models/{NAME}").json()
+    sal = np.stack([np.asarray(e["attributions"][0]["saliency"]) for e in r.json()["explanations"]])
+    auc = float(np.mean(roc_auc(masks, sal)))
+    assert auc >= 0.85, auc
+    quality = json.dumps(listed)
+    assert "explanation_quality" in quality and "integrated_gradients" in quality, listed
+
+
 def test_shipped_model_explains(torch_server, reference):
     x = raw(2, seed=1)
     with torch_server.client() as c:
@@ -153,7 +178,7 @@ def test_shipped_model_explains(torch_server, reference):
         ig = c.post("/explain", json={"inputs": x[:1].tolist(), "method": "integrated_gradients",
                                       "parameters": {"steps": 8}})
         assert ig.status_code == 200, ig.text
-    assert (body["model"], body["version"], body["method"]) == (NAME, 1, "gradient")
+    assert (body["model"], body["version"], body["method"]) == (NAME, VERSION, "gradient")
     grads = reference.gradients(x)
     attention = reference.attention(x)
     for i, e in enumerate(body["explanations"]):
@@ -178,8 +203,8 @@ def test_onnx_backend_equals_torch(torch_server, onnx_server):
     seqs = [raw(1, length, seed=10 + length)[0] for length in lengths]
     with torch_server.client() as tc, onnx_server.client() as oc:
         text = oc.get("/metrics").text
-        assert metric(text, "icaserve_model_loaded", model=NAME, version="1", backend="onnx") == 1
-        assert metric(text, "icaserve_model_loaded", model=NAME, version="1", backend="torch") == 0
+        assert metric(text, "icaserve_model_loaded", model=NAME, version=str(VERSION), backend="onnx") == 1
+        assert metric(text, "icaserve_model_loaded", model=NAME, version=str(VERSION), backend="torch") == 0
         want = predict_logits(tc, seqs)
         got = predict_logits(oc, seqs)
         for length, g, w in zip(lengths, got, want):
@@ -258,7 +283,7 @@ def _run(cmd: list[str], server: Server, extra_env: dict[str, str] | None = None
 def check_client_py(server: Server) -> None:
     out = _run([sys.executable, "examples/client.py", "--url", server.url], server)
     lines = out.splitlines()
-    assert sum(line.startswith(f"{NAME} v1: ") for line in lines) == 2, out
+    assert sum(line.startswith(f"{NAME} v{VERSION}: ") for line in lines) == 2, out
     assert sum("most salient time step" in line for line in lines) == 2 * len(CLASSES), out
     assert any(line.startswith(f"npz: {NAME}") for line in lines), out
     assert any(line.startswith("V2: probabilities [2, 2]") for line in lines), out
@@ -271,7 +296,7 @@ def check_curl_sh(server: Server) -> None:
     predict = json.loads(parts[1].split("\n", 1)[1])
     assert predict["model"] == NAME and len(predict["predictions"]) == 1
     explain_head = parts[2].split("\n", 1)[1]  # the first 300 bytes of the answer
-    assert explain_head.startswith(f'{{"model":"{NAME}","version":1,"method":"integrated_gradients"'), explain_head
+    assert explain_head.startswith(f'{{"model":"{NAME}","version":{VERSION},"method":"integrated_gradients"'), explain_head
     v2 = json.loads(parts[3].split("\n", 1)[1])
     assert v2["model_name"] == NAME and v2["outputs"][0]["name"] == "probabilities"
 
