@@ -300,6 +300,10 @@ def run_targets(args: argparse.Namespace, store: ModelStore, name: str, predict_
                 explain_body: bytes) -> None:
     """The speed targets of issue 10, side by side in one run (see the module docstring)."""
     old_root = worktree(args.old)
+    # Every side serves the same file: a store holding only that version of the model (the old
+    # commit would otherwise serve a newer export, made with this tree's code, as its latest).
+    pinned = pinned_store(args.store, name, args.target_version)
+    store = ModelStore(pinned)
     seconds = args.seconds
     bodies = {"/predict": predict_body, "/explain": explain_body}
     cells: dict[tuple[str, str, int], list[dict]] = {}
@@ -322,7 +326,7 @@ def run_targets(args: argparse.Namespace, store: ModelStore, name: str, predict_
         for label, root, workers in servers if rnd % 2 == 0 else list(reversed(servers)):
             command = [sys.executable, "-m", "icaserve.cli", "serve", "--host", "127.0.0.1", "--port", "{port}",
                        *(["--workers", str(workers)] if workers else [])]
-            server = ServerProcess(args.store, dict(QUEUES), root=root, command=command)
+            server = ServerProcess(pinned, dict(QUEUES), root=root, command=command)
             try:
                 for path, body in bodies.items():
                     drive(server.url, path, body, 4, 1.0)  # warm-up
@@ -386,7 +390,7 @@ def run_targets(args: argparse.Namespace, store: ModelStore, name: str, predict_
                       + ("[green]met[/]" if ok else "[red]NOT met[/]"))
     from service.settings import Settings
 
-    results = {"machine": machine_line(), "model": name, "old": args.old, "rounds": args.rounds, "seconds": seconds,
+    results = {"machine": machine_line(), "model": f"{name} v{args.target_version}", "old": args.old, "rounds": args.rounds, "seconds": seconds,
                "workers": Settings().workers,
                "floor": {"mean_ms": floor_ms}, "captum": captum, "cells": summary,
                "old_overhead_vs_floor": old_overhead,
@@ -395,6 +399,16 @@ def run_targets(args: argparse.Namespace, store: ModelStore, name: str, predict_
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving_targets.json").write_text(json.dumps(results, indent=2, default=str))
     write_targets_markdown(results)
+
+
+def pinned_store(root: Path, name: str, version: int) -> Path:
+    """A temporary store holding `name` at `version` only (copied from the store at `root`)."""
+    import shutil
+    import tempfile
+
+    dest = Path(tempfile.mkdtemp(prefix="icaserve-pinned-")) / "store"
+    shutil.copytree(Path(root) / name / str(version), dest / name / str(version))
+    return dest
 
 
 def write_targets_markdown(results: dict) -> None:
@@ -444,6 +458,8 @@ def main() -> None:
     parser.add_argument("--protocols", action="store_true", help="/predict over every wire format, one run")
     parser.add_argument("--old", default="74cf6e2", help="the older commit for --targets")
     parser.add_argument("--rounds", type=int, default=2, help="alternating old/new rounds for --targets")
+    parser.add_argument("--target-version", type=int, default=1,
+                        help="--targets: the model version every side serves (default 1: the one the issue measured)")
     parser.add_argument("--new-workers", type=lambda v: [int(w) for w in v.split(",") if w], default=[1],
                         help="--targets: also run this tree with these worker counts (default 1)")
     args = parser.parse_args()

@@ -36,7 +36,10 @@ def _fail(message: str) -> None:
 
 @app.command()
 def train(
-    dataset: str = typer.Option("middle_box", help="synthetic dataset name or path to an .npz file (X, y, ...)"),
+    dataset: str = typer.Option(
+        "middle_box", help="synthetic dataset name; a real UEA set packaged with sktime (basic_motions, "
+        "japanese_vowels; needs icaserve[data]); a UEA .ts file (its _TEST.ts sibling is the test set); "
+        "or an .npz file (X, y, ...)"),
     cell: str = typer.Option("lstm", help="lstm, gru or rnn"),
     attention: str = typer.Option("ica", help="none, ica (input-cell attention) or self (over hidden states)"),
     variant: str = typer.Option("matrix", help="ICA variant: matrix (paper) or mean"),

@@ -163,12 +163,19 @@ def load_npz(path: str | Path) -> Dataset:
 
 def load(source: str, *, n_train: int = 1000, n_test: int = 300, T: int = 100, N: int = 100,
          seed: int = 0) -> tuple[Dataset, Dataset | None]:
-    """A synthetic dataset by name (train, test), or an .npz file (all of it, no test split)."""
+    """A synthetic dataset by name (train, test); a UEA `.ts` file (train, its `_TEST.ts` sibling or
+    None) or a UEA set packaged with sktime by name (train, test), both via training/realdata.py;
+    or an .npz file (all of it, no test split)."""
+    from training import realdata  # imports sktime only when a .ts source is read
+
     if source in BOXES:
         return synthetic_splits(source, n_train, n_test, T, N, seed)
+    if realdata.is_real_source(source):
+        return realdata.load_real(source)
     if source.endswith(".npz") or Path(source).exists():
         return load_npz(source), None
-    raise DatasetError(f"unknown dataset {source!r}: give a synthetic name ({', '.join(SYNTHETIC)}) or an .npz path")
+    raise DatasetError(f"unknown dataset {source!r}: give a synthetic name ({', '.join(SYNTHETIC)}), "
+                       f"a packaged real set ({', '.join(realdata.PACKAGED)}), or a .ts or .npz path")
 
 
 def train_val_split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
