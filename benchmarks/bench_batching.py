@@ -23,7 +23,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serving import console, drive, write_section  # noqa: E402
+from benchmarks.bench_serving import QUEUES, console, drive, write_section  # noqa: E402
 from benchmarks.loopback import ServerProcess  # noqa: E402
 from icaserve.machine import machine_line  # noqa: E402
 
@@ -51,8 +51,7 @@ def main() -> None:
     for rnd in range(args.rounds):
         order = list(SETTINGS) if rnd % 2 == 0 else list(reversed(SETTINGS))
         for name in order:
-            env = {"ICASERVE_LOG_LEVEL": "warning", "ICASERVE_GRPC_ENABLED": "false", "ICASERVE_POLL_INTERVAL_S": "0",
-                   "ICASERVE_PREDICT_QUEUE_SIZE": "1024", "ICASERVE_EXPLAIN_QUEUE_SIZE": "1024", **SETTINGS[name]}
+            env = {**QUEUES, "ICASERVE_GRPC_ENABLED": "false", **SETTINGS[name]}
             server = ServerProcess(args.store, env, command=[sys.executable, "-m", "icaserve.cli", "serve", "--host",
                                                              "127.0.0.1", "--port", "{port}"])
             try:

@@ -43,6 +43,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from benchmarks.bench_ica import _run  # noqa: E402
 from icaserve.machine import machine_line  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -70,9 +71,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def _fwd_grad(model, x: torch.Tensor) -> torch.Tensor:
-    xg = x.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(model(xg)[:, 0].sum(), xg)
-    return grad
+    """The input-gradient of the class-0 score, as benchmarks/bench_ica.py times it on the CPU."""
+    return _run(model, x, "forward+grad")
 
 
 def bench_ica(repeats: int) -> list[dict]:

@@ -339,7 +339,6 @@ def run_report(out_dir: Path, figures_dir: Path, runs_dir: Path, hidden: int = 3
     project's `train()` (CPU, seed 0), test them, and draw the saliency figures of the ICA model
     and the plain one. Returns the numbers the report quotes."""
     import json
-    import platform
     import time
 
     import torch
@@ -352,10 +351,9 @@ def run_report(out_dir: Path, figures_dir: Path, runs_dir: Path, hidden: int = 3
     torch.set_num_threads(1)
     figures_dir.mkdir(parents=True, exist_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    from icaserve.machine import cpu_model, usable_cpus
+    from icaserve.machine import machine_line
 
-    results: dict[str, Any] = {"machine": f"{cpu_model()}, {usable_cpus()} usable CPUs, {platform.python_version()}, "
-                               f"torch {torch.__version__}, 1 thread", "runs": []}
+    results: dict[str, Any] = {"machine": f"{machine_line()}, 1 thread", "runs": []}
     started = time.perf_counter()
     for key in PACKAGED:
         train_ds, test_ds = load_packaged(key)

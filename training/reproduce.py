@@ -498,17 +498,16 @@ def _jsonable(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- report ------------------------------------------------------------------------------------
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{v:.{digits}f}"
-
-
 def _num(v: Any) -> float | None:
     """A finite float, or None (a NaN score is "not measured", never a value to compare)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     return float(v)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    v = _num(v)
+    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def recipe_of(record: dict[str, Any]) -> str:
