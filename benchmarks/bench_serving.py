@@ -406,8 +406,11 @@ def pinned_store(root: Path, name: str, version: int) -> Path:
     import shutil
     import tempfile
 
+    source = Path(root) / name / str(version)
+    if not (source / "manifest.json").is_file():
+        raise SystemExit(f"--target-version {version}: {name} has no version {version} in {root}")
     dest = Path(tempfile.mkdtemp(prefix="icaserve-pinned-")) / "store"
-    shutil.copytree(Path(root) / name / str(version), dest / name / str(version))
+    shutil.copytree(source, dest / name / str(version))
     return dest
 
 
