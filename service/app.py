@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -80,7 +80,7 @@ class RequestContext:
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID_OK.match(given) else os.urandom(16).hex()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         timings: dict[str, float] = {}
@@ -187,8 +187,8 @@ class RequestContext:
                 code = CLIENT_CLOSED
                 state["error_code"] = "client_closed"
             if endpoint not in metrics.UNCOUNTED_PATHS:
-                metrics.REQUESTS.labels(endpoint, state.get("model", ""), state.get("version", ""), str(code)).inc()
-                metrics.REQUEST_SECONDS.labels(endpoint).observe(elapsed)
+                metrics.request_counter(endpoint, state.get("model", ""), state.get("version", ""), code).inc()
+                metrics.request_seconds(endpoint).observe(elapsed)
                 if code >= 400:
                     metrics.ERRORS.labels(state.get("error_code", "http_error")).inc()
                 if "method" in state and code < 400:
@@ -205,11 +205,12 @@ class RequestContext:
 def _server_timing(t: dict[str, float], total_s: float) -> bytes:
     """Where a request's time went (ms): parsing and checks, queue wait, model, the rest
     (encoding the answer, framework); read by the serving benchmark and browser dev tools."""
-    parts = {k: t.get(f"{k}_s", 0.0) for k in ("parse", "queue", "model")}
-    parts["other"] = max(total_s - sum(parts.values()), 0.0)
-    out = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in parts.items())
+    parse, queue, model = t.get("parse_s", 0.0), t.get("queue_s", 0.0), t.get("model_s", 0.0)
+    other = max(total_s - parse - queue - model, 0.0)
+    out = "parse;dur=%.3f, queue;dur=%.3f, model;dur=%.3f, other;dur=%.3f" % (
+        parse * 1000, queue * 1000, model * 1000, other * 1000)
     if "batch" in t:
-        out += f', batch;desc="{int(t["batch"])}"'
+        out += ', batch;desc="%d"' % int(t["batch"])
     return out.encode()
 
 
@@ -250,6 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Post sequences (T x N raw values) to `/predict` for class scores and to `/explain` for "
         "T x N saliency matrices. Errors share one format: `{\"error\", \"code\", \"field\", \"request_id\"}`.",
         lifespan=lifespan,
+        telemetry=None if settings.otel else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.registry = ModelRegistry(settings, pick_device(settings.device))

@@ -13,6 +13,11 @@ batcher's own thread, off the event loop. A full queue refuses at once (the call
 with Retry-After); a request whose deadline passes while queued is dropped before it costs
 compute, and leaves the queue as soon as its caller gives up. Predict and explain have separate
 batchers and threads, so slow explanations never hold predictions back.
+
+A request that finds its batcher idle (nothing queued, collected or computing, and no batching
+window configured) skips the queue:
+it goes to the batcher's thread at once (the idle lane, `_dispatch_now`), and the worker does not
+collect until it is done, so what arrives meanwhile merges behind it as it would behind any batch.
 """
 
 from __future__ import annotations
@@ -50,10 +55,19 @@ RunBatch = Callable[[list[Any], list[Any] | None], Sequence[Any]]
 
 def _retrieve(future: asyncio.Future) -> None:
     """Mark a job's exception as retrieved the moment it is set. Its caller may have given up
-    already (its `wait_for` timed out, which detaches the shielded future), and asyncio would
-    then log "Future exception was never retrieved" when the job is freed."""
+    already (its deadline passed, or it was cancelled), and asyncio would then log "Future
+    exception was never retrieved" when the job is freed."""
     if not future.cancelled():
         future.exception()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """`fn(*args)` on `loop`, from the batcher's thread; nothing when the loop has closed meanwhile
+    (the process is stopping: nobody is left to answer)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
 
 
 @dataclass(eq=False)  # identity: jobs are removed from the queue by identity, never compared by value
@@ -83,6 +97,7 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"icaserve-{name}")
         self._task: asyncio.Task | None = None
         self._running = False  # the worker holds jobs (collecting, computing or answering them)
+        self._direct = False  # a job of the idle lane computes (`_dispatch_now`)
         self._closed = False  # drain_and_stop was called: no new jobs
         # this queue's metric children, looked up once (labels() costs a lookup per call)
         self._depth = metrics.QUEUE_DEPTH.labels(name)
@@ -113,29 +128,84 @@ class Batcher:
         job.future.add_done_callback(_retrieve)
         if timings is not None:
             job.timings = timings
-        self._queue.append(job)
-        self._depth.inc()
-        self._arrived.set()
-        self.start()
+        if self._idle():
+            self._dispatch_now(job, loop)
+        else:
+            self._queue.append(job)
+            self._depth.inc()
+            self._arrived.set()
+            self.start()
+        # The deadline is a timer on the job itself rather than wait_for(shield(...)): the waiting
+        # task wakes one loop turn after the answer is set, not three.
+        deadline = loop.call_later(timeout_s, self._expire, job)
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout=timeout_s)
-        except asyncio.TimeoutError:
-            self._forget(job)
-            raise Expired(self.name) from None
+            return await job.future
         except asyncio.CancelledError:  # the caller went away: its job must not cost compute
             self._forget(job)
             raise
+        finally:
+            deadline.cancel()
+
+    def _expire(self, job: Job) -> None:
+        """The job's deadline passed before its answer: its caller gets `Expired` now, and the
+        job leaves the queue (or is skipped by the worker, which checks `future.done()`)."""
+        if not job.future.done():
+            self._dequeue(job)
+            job.future.set_exception(Expired(self.name))
+
+    def _idle(self) -> bool:
+        """Nothing queued, collected or computing, and no batching window to wait out (with
+        `max_wait_s` > 0 a lone request waits for company, as configured): a job can go to the
+        thread at once."""
+        if self._queue or self._running or self._direct:
+            return False
+        return self.max_wait_s <= 0 or not self.enabled
+
+    def _dispatch_now(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        """The idle lane: an idle batcher's job is handed to its thread from the caller's turn of
+        the event loop, and answered from the thread's completion callback, skipping the worker
+        task's two turns (in and out) that a lone request gains nothing from. The worker does not
+        collect while such a job computes (`_collect`), so requests that arrive meanwhile still
+        merge into one batch behind it, as they would behind a batch of the worker's own."""
+        self._direct = True
+        self.start()  # the worker must be there for the requests that queue meanwhile
+        start = time.perf_counter()
+        self._wait_hist.observe(start - job.enqueued)
+        work = self.executor.submit(job.run, job.sequences, job.specs)
+        work.add_done_callback(lambda done: _call_soon(loop, self._direct_done, job, done, start))
+
+    def _direct_done(self, job: Job, done: Any, start: float) -> None:
+        """The idle lane's completion, on the event loop: answer the job as `_loop` answers a batch."""
+        self._direct = False
+        if self._queue:
+            self._arrived.set()  # the worker waited for this job (see `_collect`)
+        if done.cancelled():
+            self._fail([job], Stopped(self.name))
+        elif isinstance(done.exception(), Expired):
+            log.info("batch stopped at its requests' deadlines (1 requests)",
+                     extra={"queue": self.name, "sequences": len(job.sequences)})
+            self._fail([job], Expired(self.name))
+        elif done.exception() is not None:
+            log.error("batch failed", exc_info=done.exception(),
+                      extra={"queue": self.name, "sequences": len(job.sequences)})
+            self._fail([job], done.exception())
+        else:
+            self._answer([job], done.result(), start)
 
     def _forget(self, job: Job) -> None:
         """A job whose caller gave up leaves the queue (it no longer holds a place in it), and
         the worker skips it if it holds it already."""
+        self._dequeue(job)
+        if not job.future.done():
+            job.future.cancel()
+
+    def _dequeue(self, job: Job) -> None:
         try:
             self._queue.remove(job)
         except ValueError:
-            pass  # the worker has it already
+            pass  # not queued: the worker has it already, or it went by the idle lane
         else:
             self._depth.dec()
-        job.future.cancel()
 
     def _take(self, run: RunBatch, jobs: list[Job], size: int) -> int:
         """Move queued jobs of `run`'s version into `jobs` (in order) up to `max_batch` sequences;
@@ -152,7 +222,7 @@ class Batcher:
         return size
 
     async def _collect(self) -> list[Job]:
-        while not self._queue:
+        while not self._queue or self._direct:  # an idle-lane job computes: collect behind it
             self._arrived.clear()
             await self._arrived.wait()
         first = self._queue.popleft()
@@ -212,17 +282,22 @@ class Batcher:
                 continue
             finally:
                 self._running = False  # the answers below are delivered without yielding
-            model_s = time.perf_counter() - start
-            self._compute_hist.observe(model_s)
-            self._batch_hist.observe(len(sequences))
-            metrics.sample_gpu()  # every worker keeps its own CUDA memory gauge current
-            offset = 0
-            for job in live:
-                n = len(job.sequences)
-                job.timings.update(queue_s=start - job.enqueued, model_s=model_s, batch=len(sequences))
-                if not job.future.done():
-                    job.future.set_result(list(results[offset : offset + n]))
-                offset += n
+            self._answer(live, results, start)
+
+    def _answer(self, live: list[Job], results: Sequence[Any], start: float) -> None:
+        """Deliver a computed batch's results to its jobs, with their timings and the batch metrics."""
+        model_s = time.perf_counter() - start
+        n_total = sum(len(job.sequences) for job in live)
+        self._compute_hist.observe(model_s)
+        self._batch_hist.observe(n_total)
+        metrics.sample_gpu()  # every worker keeps its own CUDA memory gauge current
+        offset = 0
+        for job in live:
+            n = len(job.sequences)
+            job.timings.update(queue_s=start - job.enqueued, model_s=model_s, batch=n_total)
+            if not job.future.done():
+                job.future.set_result(list(results[offset : offset + n]))
+            offset += n
 
     def depth(self) -> int:
         return len(self._queue)
@@ -233,7 +308,7 @@ class Batcher:
         self._closed = True  # no new jobs (see submit)
         end = time.perf_counter() + timeout_s
         # The worker may hold jobs while it collects a batch, computes or answers it: wait for those.
-        while (self._queue or self._running) and time.perf_counter() < end:
+        while (self._queue or self._running or self._direct) and time.perf_counter() < end:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0)  # let the last batch's results be delivered
         if self._task is not None:

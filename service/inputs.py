@@ -224,9 +224,8 @@ def matrix(value: Any, field: str, n_features: int, min_len: int, max_len: int) 
                            field=field)
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(np.float32, copy=False)
-    bad = ~np.isfinite(out)
-    if bad.any():
-        t, f = np.argwhere(bad)[0]
+    if not np.isfinite(out).all():
+        t, f = np.argwhere(~np.isfinite(out))[0]
         raise InvalidInput(f"{field}[{t}][{f}]: value {value[t][f]!r} is not a finite float32", field=f"{field}[{t}][{f}]")
     return out
 
@@ -239,12 +238,14 @@ class OutOfRange(InvalidInput):
 
 
 # (normalization object, mean, std, low, high) per (id of a manifest's normalization, max_sigma):
-# computed once per loaded version, not per request.
+# computed once per loaded version, not per request. low/high are float32, rounded inwards to the
+# nearest float32 at or inside the float64 bound, so for a float32 x, `low <= x <= high` holds
+# exactly when x is within the float64 bounds.
 _RANGES: dict[tuple[int, float], tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
 def _range(manifest: Manifest, max_sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per feature: the training mean, std (0 read as 1), and the lowest and highest raw value
+    """Per feature: the training mean, std (0 read as 1), and the lowest and highest float32 value
     within `max_sigma` training deviations."""
     norm = manifest.normalization
     hit = _RANGES.get((id(norm), max_sigma))
@@ -254,7 +255,12 @@ def _range(manifest: Manifest, max_sigma: float) -> tuple[np.ndarray, np.ndarray
         mean = np.asarray(norm.mean, dtype=np.float64)
         std = np.asarray(norm.std, dtype=np.float64)
         std = np.where(std > 0, std, 1.0)
-        hit = _RANGES[(id(norm), max_sigma)] = (norm, mean, std, mean - max_sigma * std, mean + max_sigma * std)
+        lo, hi = mean - max_sigma * std, mean + max_sigma * std
+        with np.errstate(over="ignore"):  # a bound past float32's range becomes -inf / inf: no bound
+            lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
+        lo32 = np.where(lo32 < lo, np.nextafter(lo32, np.float32(np.inf)), lo32)
+        hi32 = np.where(hi32 > hi, np.nextafter(hi32, np.float32(-np.inf)), hi32)
+        hit = _RANGES[(id(norm), max_sigma)] = (norm, mean, std, lo32, hi32)
     return hit[1:]
 
 
@@ -265,7 +271,9 @@ def within_range(x: np.ndarray, manifest: Manifest, max_sigma: float | None, fie
     if max_sigma is None:
         return x
     mean, std, lo, hi = _range(manifest, max_sigma)
-    if not ((x < lo) | (x > hi)).any():
+    # Per feature, the smallest and largest value over time against the bounds: two reductions
+    # instead of two full comparisons and their union.
+    if x.dtype == np.float32 and (x.min(axis=0) >= lo).all() and (x.max(axis=0) <= hi).all():
         return x
     z = np.abs(x.astype(np.float64) - mean) / std
     bad = z > max_sigma

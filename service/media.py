@@ -5,6 +5,7 @@ and `Accept` negotiated with q-values, so `text/json-evil` is not JSON and
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -25,8 +26,10 @@ class MediaType(NamedTuple):
     params: dict[str, str]  # names lower-cased, values unquoted
 
 
+@functools.lru_cache(maxsize=256)  # a handful of distinct headers carry nearly all traffic
 def parse_media_type(value: str) -> MediaType | None:
-    """`type/subtype; name=value; ...` -> MediaType, or None when it is not one (then it names no type)."""
+    """`type/subtype; name=value; ...` -> MediaType, or None when it is not one (then it names no type).
+    Cached: callers must not change the returned `params`."""
     head, *rest = value.split(";")
     kind, slash, sub = head.strip().partition("/")
     if not slash or not _TOKEN.match(kind) or not _TOKEN.match(sub):
@@ -61,7 +64,8 @@ def parse_accept(header: str) -> list[tuple[MediaType, float]]:
         media = parse_media_type(element)
         if media is None or (media.type == "*" and media.subtype != "*"):
             continue
-        q = media.params.pop("q", "1")
+        q = media.params.get("q", "1")  # parse_media_type's answer is cached: copied, not changed
+        media = media._replace(params={k: v for k, v in media.params.items() if k != "q"})
         if not _QVALUE.match(q):
             continue
         ranges.append((media, float(q)))

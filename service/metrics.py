@@ -20,10 +20,12 @@ would report only the answering worker, and is absent in multiprocess mode.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -118,6 +120,18 @@ class WorkerProcessCollector(Collector):
 
 
 _DB_FILE = re.compile(r"_(\d+)\.db$")
+
+
+@functools.lru_cache(maxsize=4096)  # bounded: routes x models x versions x statuses seen
+def request_counter(endpoint: str, model: str, version: str, status: int) -> Any:
+    """REQUESTS' child for these labels, looked up once (`labels()` costs a locked lookup per call)."""
+    return REQUESTS.labels(endpoint, model, version, str(status))
+
+
+@functools.lru_cache(maxsize=256)
+def request_seconds(endpoint: str) -> Any:
+    """REQUEST_SECONDS' child for `endpoint`, looked up once."""
+    return REQUEST_SECONDS.labels(endpoint)
 
 
 def _is_live_sibling(pid: int) -> bool:

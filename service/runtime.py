@@ -96,8 +96,8 @@ class LoadedModel:
     manifest: Manifest
     device: torch.device
     backend: str
-    predict_module: torch.jit.ScriptModule
-    explain_module: torch.jit.ScriptModule
+    predict_module: torch.nn.Module  # TorchScript, or eager on CPU with the fused hop sum (`fused_modules`)
+    explain_module: torch.nn.Module
     onnx_session: Any = None
     mean: torch.Tensor = field(default=None)  # type: ignore[assignment]
     std: torch.Tensor = field(default=None)  # type: ignore[assignment]
@@ -129,7 +129,8 @@ class LoadedModel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             predict = torch.jit.load(io.BytesIO(ts_bytes), map_location=device).eval()
-            explain = torch.jit.load(io.BytesIO(ts_bytes), map_location=device)
+            fused = fused_explain_module(predict, manifest) if device.type == "cpu" else None
+            explain = fused if fused is not None else torch.jit.load(io.BytesIO(ts_bytes), map_location=device)
         explain.train(device.type == "cuda")  # see module docstring
         session = None
         if backend == "onnx":
@@ -166,7 +167,7 @@ class LoadedModel:
     def _normalize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.mean) / self.std
 
-    def forward_raw(self, module: torch.jit.ScriptModule):
+    def forward_raw(self, module: torch.nn.Module):
         return lambda z: module(self._normalize(z))
 
     @property
@@ -187,7 +188,7 @@ class LoadedModel:
         if arch.get("attention") != "ica":
             return n
         r = int(arch.get("r", 1))
-        if "_folded_recurrence" in self.explain_module.code:
+        if is_folded(self.explain_module):
             gates = GATES.get(str(arch.get("cell")), 4) * int(arch.get("hidden", n))
             return r * min(n, gates)
         return r * n
@@ -334,16 +335,7 @@ def refold(ts_bytes: bytes, manifest: Manifest) -> bytes:
             model = build_model(config).eval()
             model.load_state_dict(stored.state_dict())
             folded = torch.jit.script(model)
-            length = min(manifest.input.train_length or 16, manifest.input.max_length, 64)
-            x = torch.randn(2, length, config.n_features, generator=torch.Generator().manual_seed(0))
-            outs = []
-            for m in (stored, folded):
-                xg = x.clone().requires_grad_(True)
-                logits = m(xg)
-                (grad,) = torch.autograd.grad(logits[:, 0].sum(), xg)
-                outs.append((logits.detach(), grad))
-            for a, b in zip(outs[0], outs[1]):
-                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            _same_answers(stored, folded, manifest, config.n_features)
             buf = io.BytesIO()
             torch.jit.save(folded, buf)
     except Exception as exc:  # unknown architecture fields, a parity miss: serve the file as it is
@@ -352,6 +344,55 @@ def refold(ts_bytes: bytes, manifest: Manifest) -> bytes:
         return ts_bytes
     log.info("serving %s v%s in the folded ICA form", manifest.name, manifest.version)
     return buf.getvalue()
+
+
+def is_folded(module: torch.nn.Module) -> bool:
+    """Whether a serving module computes ICA in the folded form (TorchScript: its code says so)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return "_folded_recurrence" in module.code
+    return bool(getattr(module, "folded", False))
+
+
+def _same_answers(reference: torch.nn.Module, candidate: torch.nn.Module, manifest: Manifest, n_features: int) -> None:
+    """Logits and input-gradients of `candidate` equal `reference`'s (rtol/atol 1e-5) on a fixed input."""
+    length = min(manifest.input.train_length or 16, manifest.input.max_length, 64)
+    x = torch.randn(2, length, n_features, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for m in (reference, candidate):
+        xg = x.clone().requires_grad_(True)
+        logits = m(xg)
+        (grad,) = torch.autograd.grad(logits[:, 0].sum(), xg)
+        outs.append((logits.detach(), grad))
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def fused_explain_module(stored: torch.nn.Module, manifest: Manifest) -> torch.nn.Module | None:
+    """An eager CPU copy of a folded ICA model for explanations, whose hop sum runs in the fused
+    kernel (training/hop_sum.py): a TorchScript graph can only run the stock ops, whose backward
+    costs several passes over (B, T, r, G) tensors (BENCHMARKS.md: the fused form's forward +
+    input-gradient). Built from the manifest's architecture and the TorchScript's (`stored`)
+    weights, every dropout at p=0, in eval mode, and used only if it answers the same (logits and
+    input-gradients on a fixed input). Predictions stay on the TorchScript: forward alone gains
+    little, and the graph runs with the GIL released. None (TorchScript explains): the kernel is
+    unavailable or off (`ICASERVE_FUSED_ICA=0`), the model does not fold, or a miss."""
+    try:
+        from training import hop_sum
+        from training.models import ModelConfig, build_model, can_fold
+
+        config = ModelConfig.from_dict({**manifest.architecture, "dropout": 0.0})
+        if not can_fold(config) or not hop_sum.available():
+            return None
+        model = build_model(config).eval()
+        wanted = model.state_dict()  # a scripted state_dict also lists non-persistent buffers (gate_eye)
+        model.load_state_dict({k: v for k, v in stored.state_dict().items() if k in wanted})
+        model.requires_grad_(False)  # explanations take input-gradients only
+        _same_answers(stored, model, manifest, config.n_features)
+    except Exception as exc:  # unknown architecture fields, a parity miss: the TorchScript explains
+        log.warning("explaining %s v%s with TorchScript (fused ICA not used: %s)", manifest.name, manifest.version, exc)
+        return None
+    log.info("explaining %s v%s with the fused ICA hop sum", manifest.name, manifest.version)
+    return model
 
 
 def _by_length(sequences: list[np.ndarray]) -> dict[int, list[int]]:

@@ -99,9 +99,15 @@ def transport_limits() -> TransportLimits:
 
 
 def _head_end(probe: bytes) -> int:
-    """Index just past the blank line ending a request head in `probe`, or -1 (bare LF too)."""
-    ends = [i + len(sep) for sep in (b"\n\r\n", b"\n\n") if (i := probe.find(sep)) >= 0]
-    return min(ends) if ends else -1
+    """Index just past the blank line ending a request head in `probe`, or -1 (bare LF too).
+
+    The bare-LF search stops where the CRLF one matched: a body in the same read (the usual case
+    for a small POST) is never scanned."""
+    crlf = probe.find(b"\n\r\n")
+    lf = probe.find(b"\n\n", 0, len(probe) if crlf < 0 else crlf + 2)
+    if lf >= 0:
+        return lf + 2
+    return -1 if crlf < 0 else crlf + 3
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -142,7 +148,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_bytes is not None:  # reading a request head: count it before the parser sees it
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
-            probe = self._tail + data
+            # Only the bytes that may still belong to an allowed head are searched: a head whose
+            # end lies beyond them is over the limit whatever follows (and a body is not copied).
+            window = data[: self.limits.max_header_bytes - self._head_bytes + 4]
+            probe = self._tail + window
             end = _head_end(probe)
             # Leading CRLFs before a request line also look like a head's end: then the parser is
             # still in the head, and the next read is counted whole.

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     max_versions_loaded: int = Field(4, ge=1)  # per model, latest always kept
     # POST /predict and /explain past FastAPI's router, same endpoint code (service/fast_path.py)
     fast_path: bool = True
+    # FastAPI's native OpenTelemetry (spans, metrics and logs through the global OTel providers).
+    # Off by default: /metrics and the access log serve operators, and its per-request check of
+    # the global providers costs ~15 us of the event loop even when none is configured.
+    otel: bool = False
 
     # Dynamic batching
     batching: bool = True

@@ -10,7 +10,7 @@ import torch
 
 from model_store import ModelStore
 from service import runtime
-from service.runtime import ExplainSpec, LoadedModel
+from service.runtime import ExplainSpec, LoadedModel, is_folded
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_versions_exported_before_the_folded_form_are_served_folded_and_answer_t
     assert "_folded_recurrence" not in stored.code  # exported before the folded form existed
     loaded = LoadedModel.load(store, "middle-box-ica-lstm", 1, torch.device("cpu"))
     assert "_folded_recurrence" in loaded.predict_module.code
-    assert "_folded_recurrence" in loaded.explain_module.code
+    assert is_folded(loaded.explain_module)  # TorchScript, or eager with the fused hop sum
     seqs = _inputs(3, 100, 100)
     x = torch.from_numpy(np.stack(seqs))
     z = (x - loaded.mean) / loaded.std

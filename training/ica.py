@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from training import hop_sum
+
 VARIANTS = ("matrix", "mean")
 # Largest score spread accumulated in float32: exp(-60) ~ 1e-26, far above float32's smallest normal.
 FLOAT32_SAFE_SPREAD = 60.0
@@ -90,8 +92,9 @@ class InputCellAttention(nn.Module):
         - otherwise (projected): the prefix sums of `embed`, then one GEMM with W_ih.
         Either way the projection happens here rather than inside the fused RNN, whose backward
         would also compute the weight gradients that an explanation never uses.
-        The hop sum weighs each hop's prefix sum by 1 / (its prefix weight), as a small matmul over
-        hops, so no (B, T, r, G)-sized division or its backward is ever formed.
+        The hop sum weighs each hop's prefix sum by 1 / (its prefix weight). Eager on a CPU it is
+        one fused pass (training/hop_sum.py); scripted or traced (exports) it is stock ops: a small
+        matmul over hops, so no (B, T, r, G)-sized division or its backward is ever formed.
         Same weights, shift and float64 fallback as `embed` (`_prefix_weights`).
         """
         g = w_ih.shape[0]
@@ -104,6 +107,9 @@ class InputCellAttention(nn.Module):
         else:
             p = torch.matmul(x, w_ih.t()).unsqueeze(2) / self.r  # (B, T, 1, G), shared by every hop
         w, p = self._prefix_weights(x, p)
+        if not torch.jit.is_scripting():  # eager CPU: one fused pass (training/hop_sum.py)
+            if hop_sum.applies(p, w):
+                return hop_sum.hop_sum(p, w).to(x.dtype)
         num = torch.cumsum(w.unsqueeze(-1) * p, dim=1)  # (B, T, r, G)
         inv_den = torch.reciprocal(torch.cumsum(w, dim=1)).unsqueeze(-2)  # (B, T, 1, r)
         return torch.matmul(inv_den, num).squeeze(-2).to(x.dtype)

@@ -1,0 +1,189 @@
+"""The fused hop sum of folded ICA (training/hop_sum.py, hop_sum.c): equal to the stock ops it
+replaces, forward and backward, in every place it runs; absent from exported graphs."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ica_reference import reference_forward
+from training import hop_sum
+from training.models import ModelConfig, build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not hop_sum.available(), reason="no C compiler: the stock ops run")
+
+
+def _pair(b: int, t: int, ph: int, r: int, g: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(b, t, ph, g, generator=gen, dtype=dtype).requires_grad_(True)
+    w = (torch.rand(b, t, r, generator=gen, dtype=dtype) + 1e-3).requires_grad_(True)
+    return p, w
+
+
+@pytest.mark.parametrize("ph", ["per hop", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("t", [1, 2, 37])
+def test_fused_equals_the_stock_ops_forward_and_backward(ph, dtype, t):
+    """Against the stock ops in float64 on the same values: 1e-12 in float64; in float32, 1e-5 of
+    each result's scale (some gradients are differences of near-equal sums: at T = 1 dL/dw is 0,
+    which float32 stock ops miss by 3e-5)."""
+    r, g = 4, 6
+    p, w = _pair(3, t, r if ph == "per hop" else 1, r, g, dtype)
+    p64, w64 = (v.detach().double().requires_grad_(True) for v in (p, w))
+    want = hop_sum.hop_sum_reference(p64, w64)
+    got = hop_sum.hop_sum(p, w)
+    grad_u = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    wants = (want, *torch.autograd.grad(want, (p64, w64), grad_u))
+    gots = (got, *torch.autograd.grad(got, (p, w), grad_u.to(dtype)))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in zip(wants, gots):
+        torch.testing.assert_close(b.double(), a, rtol=tol, atol=tol * float(a.detach().abs().max().clamp(min=1)))
+
+
+@pytest.mark.parametrize("ph", [3, 1])
+def test_gradcheck(ph):
+    p, w = _pair(2, 7, ph, 3, 4, torch.float64, seed=1)
+    assert torch.autograd.gradcheck(hop_sum.hop_sum, (p, w))
+
+
+def test_weights_spanning_float32s_range_stay_exact():
+    """Weights exp(z) from 1 down to e^-60 (the float32 safe spread, training/ica.py): the running
+    sums are doubles, so early steps' tiny weights still count."""
+    p, _ = _pair(2, 50, 5, 5, 3, torch.float32)
+    z = -60 * torch.rand(2, 50, 5, generator=torch.Generator().manual_seed(3))
+    w = torch.exp(z).requires_grad_(True)
+    want = hop_sum.hop_sum_reference(p.double(), w.double())
+    got = hop_sum.hop_sum(p, w)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_inputs_are_taken_as_their_values():
+    p, w = _pair(4, 9, 3, 3, 5, torch.float64)
+    pt = p.detach().transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not pt.is_contiguous()
+    torch.testing.assert_close(hop_sum.hop_sum(pt, w), hop_sum.hop_sum_reference(p, w))
+
+
+def _model(variant: str, hidden: int = 5, cell: str = "lstm", n: int = 40) -> torch.nn.Module:
+    """G = 4, 3 or 1 x hidden < N: the folded form whose hop sum the kernel computes."""
+    torch.manual_seed(0)
+    return build_model(ModelConfig(n_features=n, attention="ica", ica_variant=variant, hidden=hidden, r=4, d_a=6,
+                                   cell=cell)).eval()
+
+
+@pytest.mark.parametrize("variant", ["matrix", "mean"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_models_on_the_fused_path_equal_the_step_by_step_reference(variant, cell):
+    model = _model(variant, cell=cell).double()
+    assert model.folded and hop_sum.applies(torch.zeros(1, 1, 1, 1, dtype=torch.float64),
+                                            torch.zeros(1, 1, 1, dtype=torch.float64))
+    x = torch.randn(3, 11, 40, dtype=torch.float64)
+    outs = []
+    for fn in (model, lambda z: reference_forward(model, z)):
+        xg = x.clone().requires_grad_(True)
+        logits = fn(xg)
+        outs.append((logits.detach(), torch.autograd.grad(logits[:, 0].sum(), xg)[0]))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_the_toggle_switches_the_path_and_both_agree():
+    model = _model("matrix")
+    x = torch.randn(2, 20, 40)
+    calls = []
+    original = hop_sum.HopSum.forward
+
+    def counting(ctx, p, w):
+        calls.append(p.shape)
+        return original(ctx, p, w)
+
+    hop_sum.HopSum.forward = staticmethod(counting)
+    try:
+        fused = model(x)
+        assert len(calls) == 1
+        with hop_sum.use_stock_ops():
+            assert not hop_sum.available()
+            stock = model(x)
+        assert len(calls) == 1 and hop_sum.available()
+    finally:
+        hop_sum.HopSum.forward = staticmethod(original)
+    torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-6)
+
+
+def test_exports_keep_the_stock_ops():
+    """A scripted or traced model never calls the library: exported files load anywhere."""
+    model = _model("matrix")
+    x = torch.randn(2, 15, 40)
+    scripted = torch.jit.script(model)
+    assert "hop_sum" not in scripted.code and "_folded_recurrence" in scripted.code
+    torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-6)
+    traced = torch.jit.trace(model, x)
+    assert "HopSum" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-6)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    assert b"hop_sum" not in buf.getvalue()
+
+
+def test_switched_off_by_environment_the_stock_ops_run():
+    code = ("from training import hop_sum; import torch; "
+            "p = torch.randn(1, 3, 2, 2); w = torch.rand(1, 3, 2); "
+            "print(hop_sum.available(), hop_sum.applies(p, w))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ICASERVE_FUSED_ICA": "0"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_without_a_compiler_the_stock_ops_run_with_one_warning(tmp_path):
+    code = ("import logging; logging.basicConfig(); from training import hop_sum; "
+            "print(hop_sum.available())")
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "ICASERVE_KERNEL_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+    assert out.stderr.count("stock torch ops") == 1, out.stderr
+
+
+def test_a_fresh_cache_builds_once_and_is_reused(tmp_path):
+    code = "from training import hop_sum; print(hop_sum.available())"
+    env = {**os.environ, "ICASERVE_KERNEL_DIR": str(tmp_path)}
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                             env=env)
+        assert out.stdout.split() == ["True"], out.stderr
+    assert len(list(tmp_path.glob("hop_sum-*.so"))) == 1
+    assert not [f for f in tmp_path.iterdir() if not f.name.startswith("hop_sum-")]  # no temporary left
+
+
+def test_the_service_serves_cpu_models_eagerly_with_the_same_answers(tmp_path):
+    """LoadedModel on CPU explains with an eager module and the fused kernel, equal to the stored
+    TorchScript; predictions stay on the TorchScript."""
+    import numpy as np
+
+    from model_store import ModelStore
+    from service.runtime import ExplainSpec, LoadedModel
+
+    store = ModelStore(ROOT / "model_store")
+    fused = LoadedModel.load(store, "middle-box-ica-lstm", 2, torch.device("cpu"))
+    assert not isinstance(fused.explain_module, torch.jit.ScriptModule)
+    assert isinstance(fused.predict_module, torch.jit.ScriptModule)
+    with hop_sum.use_stock_ops():
+        plain = LoadedModel.load(store, "middle-box-ica-lstm", 2, torch.device("cpu"))
+    assert isinstance(plain.explain_module, torch.jit.ScriptModule)
+    assert fused.step_width == plain.step_width
+    seqs = [np.random.default_rng(i).standard_normal((100, 100)).astype(np.float32) for i in range(3)]
+    np.testing.assert_allclose(np.stack(fused.predict(seqs)), np.stack(plain.predict(seqs)), rtol=1e-5, atol=1e-5)
+    spec = [ExplainSpec("gradient", {}, None)] * 3
+    for a, b in zip(fused.explain(seqs, spec), plain.explain(seqs, spec)):
+        np.testing.assert_allclose(a.saliency, b.saliency, rtol=1e-4, atol=1e-6)
+        assert a.targets == b.targets
