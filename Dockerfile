@@ -19,6 +19,10 @@ WORKDIR /app
 # pulls gigabytes of CUDA packages. Its own layer, so code changes do not reinstall it.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 
+# A C compiler for the fused ICA hop sum (training/hop_sum.c), built on first use for the CPU it
+# runs on; without one, CPU explanations run on stock torch ops (~1.3x the time at batch 32).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+
 COPY pyproject.toml README.md ./
 COPY icaserve/ icaserve/
 COPY service/ service/

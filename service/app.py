@@ -78,8 +78,12 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        given = headers.get("x-request-id", "")
+        given, declared = "", None  # the two headers read here (the last of each, as a dict would keep)
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                given = value.decode("latin-1")
+            elif name == b"content-length":
+                declared = value.decode("latin-1")
         request_id = given if _REQUEST_ID_OK.match(given) else os.urandom(16).hex()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -92,7 +96,6 @@ class RequestContext:
         app_scope = {**scope, "method": "GET"} if head_only else scope
         status: dict[str, Any] = {"code": 500, "started": False}
         start = time.perf_counter()
-        declared = headers.get("content-length")
         too_big = declared is not None and declared.isdigit() and int(declared) > self.max_body
         over_cap = state.get(OVER_CONNECTION_CAP)
         received = 0
