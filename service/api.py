@@ -103,7 +103,7 @@ async def _predict(request: Request, name: str | None, version: str | None) -> R
     if kind is not None:
         seqs = await _binary_sequences(request, serving, kind)
     else:
-        data = await read_json(request, serving.model.manifest)
+        data = await read_json(request, serving.model.manifest, inputs_as_arrays=True)
         _, raw = validate(PredictRequest, data)
         seqs = plane.sequences(serving.model, raw.get("inputs"))
     request.state.timings["parse_s"] = time.perf_counter() - t0
@@ -195,7 +195,7 @@ async def _explain(request: Request, name: str | None, version: str | None) -> R
         options = query_options(request)
         seqs = await _binary_sequences(request, serving, kind)
     else:
-        data = await read_json(request, serving.model.manifest)
+        data = await read_json(request, serving.model.manifest, inputs_as_arrays=True)
         options, raw = validate(ExplainRequest, data)
         seqs = plane.sequences(serving.model, raw.get("inputs"))
     request.state.timings["parse_s"] = time.perf_counter() - t0

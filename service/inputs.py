@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from model_store import Manifest
 from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, UnsupportedMediaType, _loc
+from service import tensor_json
 from service.media import is_json, parse_media_type
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ _TENSORS_PLAIN: contextvars.ContextVar[bool] = contextvars.ContextVar("tensors_p
 
 
 def parse_json(body: bytes, content_type: str | None, limits: JsonLimits | None = None, *,
-               media_type_required: bool = True) -> Any:
+               media_type_required: bool = True, inputs_as_arrays: int = 0) -> Any:
     """The body as JSON, after the media type check and, with `limits`, a count of its containers
     and values: refusing `[[],[],...]` by counting bytes costs ~1 ms per MiB, where building the
     Python objects first cost ~30 bytes of memory per byte of body and seconds of CPU."""
@@ -115,6 +116,10 @@ def parse_json(body: bytes, content_type: str | None, limits: JsonLimits | None 
     quotes = rest.count(b'"')
     _BODY_STRINGS.set(None if literals or b"nul" in rest or b"\\" in rest or quotes % 2 else quotes // 2)
     _TENSORS_PLAIN.set(False)
+    if inputs_as_arrays:  # the JSON API's `inputs` straight into float32, when plain (service/tensor_json.py)
+        data = tensor_json.parse(body, inputs_as_arrays)
+        if data is not None:
+            return data
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -127,7 +132,8 @@ def parse_json(body: bytes, content_type: str | None, limits: JsonLimits | None 
 INLINE_PARSE_BYTES = 1 << 20
 
 
-async def read_json(request: Request, manifest: Manifest, *, media_type_required: bool = True) -> Any:
+async def read_json(request: Request, manifest: Manifest, *, media_type_required: bool = True,
+                    inputs_as_arrays: bool = False) -> Any:
     """The request's JSON body for `manifest`'s model: media type checked before the body is read,
     then `parse_json` with the model's limits: on the event loop up to `INLINE_PARSE_BYTES`, else
     in a worker thread, at most `json_parse_concurrency` at once per process (the limit bounds the
@@ -139,7 +145,8 @@ async def read_json(request: Request, manifest: Manifest, *, media_type_required
     body = await request.body()
     limits = JsonLimits.for_model(manifest, settings.max_sequences)
     if len(body) <= INLINE_PARSE_BYTES:
-        return parse_json(body, content_type, limits, media_type_required=media_type_required)
+        return parse_json(body, content_type, limits, media_type_required=media_type_required,
+                          inputs_as_arrays=settings.max_sequences if inputs_as_arrays else 0)
     limiter = _PARSE_LIMITERS.get(settings.json_parse_concurrency)
     if limiter is None:
         limiter = _PARSE_LIMITERS[settings.json_parse_concurrency] = anyio.CapacityLimiter(
@@ -193,6 +200,15 @@ def _strings_in(values: Iterable[Any]) -> int:
 
 def matrix(value: Any, field: str, n_features: int, min_len: int, max_len: int) -> np.ndarray:
     """One T x N matrix of finite numbers."""
+    if isinstance(value, np.ndarray):  # read by service/tensor_json.py: float32, T x N, finite, T and N >= 1
+        if len(value) > max_len:
+            raise InvalidInput(f"{field}: {len(value)} time steps, the model accepts at most {max_len}", field=field)
+        if len(value) < min_len:
+            raise InvalidInput(f"{field}: {len(value)} time steps, the model needs at least {min_len}", field=field)
+        if value.shape[1] != n_features:
+            raise InvalidInput(f"{field}: expected {n_features} features per time step, got {value.shape[1]}",
+                               field=field)
+        return value
     if not isinstance(value, list) or not value:
         raise InvalidInput(f"{field}: must be a non-empty list of time steps (T x N numbers)", field=field)
     if len(value) > max_len:

@@ -14,11 +14,7 @@ Scripted and traced graphs (TorchScript and ONNX exports) keep the stock ops, so
 never depends on this library. Without a C compiler, or if the build fails, `available()` is False
 and the stock ops run (one warning); `ICASERVE_FUSED_ICA=0` turns it off.
 
-Build: `cc -O3 -march=native -fopenmp-simd` into a per-user cache (`ICASERVE_KERNEL_DIR`, else
-`$XDG_CACHE_HOME/icaserve` or `~/.cache/icaserve`), named by a hash of the source, the flags, the
-compiler and the CPU's model and flags, so a cache copied to another CPU is rebuilt rather than
-run with instructions that CPU lacks. Concurrent first uses (several workers) each build to a
-temporary name and rename it into place. The call goes through ctypes, which releases the GIL.
+Built and cached by `icaserve.native`; called through ctypes, which releases the GIL.
 """
 
 from __future__ import annotations
@@ -26,77 +22,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger("icaserve.hop_sum")
+from icaserve import native
 
 SOURCE = Path(__file__).with_name("hop_sum.c")
-CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC")
 ENV_SWITCH = "ICASERVE_FUSED_ICA"
-
-
-def _cpu_identity() -> str:
-    """The CPU's model name and flags (what -march=native compiles for)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(dict.fromkeys(lines))  # one copy of each distinct line
-
-
-def _cache_dir() -> Path:
-    given = os.environ.get("ICASERVE_KERNEL_DIR")
-    if given:
-        return Path(given)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "icaserve"
-
-
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version, _cpu_identity(),
-                                    platform.machine()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"hop_sum-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
-        os.replace(tmp, target)  # atomic: a concurrent build's file is equal
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no C compiler found: ICA's hop sum runs on stock torch ops (slower on CPU)")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except Exception as exc:  # a failed build or load: the stock ops still give the same answers
-        log.warning("the fused ICA hop sum is unavailable (%s): stock torch ops run instead", exc)
+    lib = native.load(SOURCE, "ICA's hop sum (stock torch ops, slower on CPU)")
+    if lib is None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     for suffix in ("f32", "f64"):
