@@ -19,8 +19,8 @@ WORKDIR /app
 # pulls gigabytes of CUDA packages. Its own layer, so code changes do not reinstall it.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 
-# A C compiler for the fused ICA hop sum (training/hop_sum.c), built on first use for the CPU it
-# runs on; without one, CPU explanations run on stock torch ops (~1.3x the time at batch 32).
+# A C compiler for the two small kernels (icaserve/native.py: ICA's hop sum, the JSON API's tensor
+# scanner), built on first use for the CPU they run on; without one, the stock paths run (slower).
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 
 COPY pyproject.toml README.md ./
