@@ -21,8 +21,8 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from model_store import Manifest
-from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, UnsupportedMediaType, _loc
 from service import tensor_json
+from service.errors import InvalidInput, MalformedBody, PayloadTooLarge, UnsupportedMediaType, _loc
 from service.media import is_json, parse_media_type
 
 if TYPE_CHECKING:
