@@ -330,7 +330,8 @@ def test_cli_train_records_the_recipe_in_checkpoint_and_manifest(tmp_path: Path)
     plain = CliRunner().invoke(app, [*args[:17], "--attention", "none", "--epochs", "1", "--out", str(tmp_path / "p.pt")])
     assert plain.exit_code == 0, plain.output
     assert load_checkpoint(tmp_path / "p.pt")[1]["training"]["recipe"] == "classic"
-    for bad in (["--optimizer", "sgd"], ["--recipe", "fastest"], ["--attention", "none", "--attention-entropy", "1"]):
+    for bad in (["--optimizer", "sgd"], ["--recipe", "fastest"], ["--attention", "none", "--attention-entropy", "1"],
+                ["--attention", "none", "--attention-weight-decay", "0"]):
         res = CliRunner().invoke(app, [*args[:17], *bad, "--epochs", "1", "--out", str(tmp_path / "x.pt")])
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
 
@@ -587,3 +588,22 @@ def test_ddp_ranks_agree_and_equal_one_process_on_the_union(tmp_path: Path) -> N
     model each rank would follow its own shard and this fails."""
     saves = run_ddp_ranks(tmp_path, world=2, device="cpu")
     check_ddp_equivalence(saves, backend="gloo", tol=1e-5)
+
+
+def test_attention_weight_decay_gets_a_group_of_its_own() -> None:
+    """--attention-weight-decay: the ICA attention's weights (encoder w1, w2) in their own optimizer
+    group; unset (or equal) it is one group, as before; negative is refused."""
+    from training.models import build_model
+    from training.train import _optimizer
+
+    net = build_model(TINY)
+    one = _optimizer(net, TrainConfig.from_recipe("localise"))
+    assert len(one.param_groups) == 1 and one.param_groups[0]["weight_decay"] == 1e-2
+    assert len(_optimizer(net, TrainConfig.from_recipe("localise", attention_weight_decay=1e-2)).param_groups) == 1
+    opt = _optimizer(net, TrainConfig.from_recipe("localise", attention_weight_decay=0.0))
+    rest, own = opt.param_groups
+    assert (rest["weight_decay"], own["weight_decay"]) == (1e-2, 0.0)
+    assert {id(p) for p in own["params"]} == {id(net.encoder.w1.weight), id(net.encoder.w2.weight)}
+    assert len(rest["params"]) + len(own["params"]) == len(list(net.parameters()))
+    with pytest.raises(ValueError, match="attention_weight_decay"):
+        TrainConfig(attention_weight_decay=-1.0)
