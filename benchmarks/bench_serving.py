@@ -279,6 +279,9 @@ def run_protocols(args: argparse.Namespace, name: str, x: np.ndarray) -> None:
 
 
 TARGET_CELLS = [("/predict", 1), ("/predict", 32), ("/explain", 1), ("/explain", 32)]
+# benchmarks/floor_app.py under the same uvicorn protocol as icaserve (httptools, one worker)
+FLOOR_COMMAND = [sys.executable, "-m", "uvicorn", "benchmarks.floor_app:app", "--host", "127.0.0.1", "--port",
+                 "{port}", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
 QUEUES = {"ICASERVE_PREDICT_QUEUE_SIZE": "1024", "ICASERVE_EXPLAIN_QUEUE_SIZE": "1024",
           "ICASERVE_REQUEST_TIMEOUT_S": "120", "ICASERVE_POLL_INTERVAL_S": "0", "ICASERVE_LOG_LEVEL": "warning"}
 
@@ -308,9 +311,7 @@ def run_targets(args: argparse.Namespace, store: ModelStore, name: str, predict_
     bodies = {"/predict": predict_body, "/explain": explain_body}
     cells: dict[tuple[str, str, int], list[dict]] = {}
     for rnd in range(args.rounds):
-        floor = ServerProcess(args.store, {}, command=[
-            sys.executable, "-m", "uvicorn", "benchmarks.floor_app:app", "--host", "127.0.0.1", "--port", "{port}",
-            "--http", "httptools", "--no-access-log", "--log-level", "warning"], ready=("POST", "/", predict_body))
+        floor = ServerProcess(args.store, {}, command=FLOOR_COMMAND, ready=("POST", "/", predict_body))
         try:
             drive(floor.url, "/", predict_body, 1, 1.0)
             for path, c in TARGET_CELLS:
@@ -321,9 +322,8 @@ def run_targets(args: argparse.Namespace, store: ModelStore, name: str, predict_
         finally:
             floor.stop()
         # the same floor reading the body with icaserve's own scanner (service/tensor_json.py)
-        floor = ServerProcess(args.store, {"FLOOR_PARSER": "scanner"}, command=[
-            sys.executable, "-m", "uvicorn", "benchmarks.floor_app:app", "--host", "127.0.0.1", "--port", "{port}",
-            "--http", "httptools", "--no-access-log", "--log-level", "warning"], ready=("POST", "/", predict_body))
+        floor = ServerProcess(args.store, {"FLOOR_PARSER": "scanner"}, command=FLOOR_COMMAND,
+                              ready=("POST", "/", predict_body))
         try:
             drive(floor.url, "/", predict_body, 1, 1.0)
             r = drive(floor.url, "/predict", predict_body, 1, seconds)

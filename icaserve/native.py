@@ -68,9 +68,12 @@ def _build(source: Path, compiler: str) -> Path:
     return target
 
 
-def load(source: Path, what: str) -> ctypes.CDLL | None:
-    """The compiled `source` (built on first use), or None with one warning naming `what` runs
-    on the stock path instead."""
+def load(source: Path, what: str, switch: str) -> ctypes.CDLL | None:
+    """The compiled `source` (built on first use); None when the environment variable `switch` is
+    0/false/no/off, or, with one warning naming `what` runs on the stock path, when it cannot be
+    built or loaded."""
+    if os.environ.get(switch, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler found: %s runs on the stock path", what)

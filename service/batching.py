@@ -181,14 +181,8 @@ class Batcher:
             self._arrived.set()  # the worker waited for this job (see `_collect`)
         if done.cancelled():
             self._fail([job], Stopped(self.name))
-        elif isinstance(done.exception(), Expired):
-            log.info("batch stopped at its requests' deadlines (1 requests)",
-                     extra={"queue": self.name, "sequences": len(job.sequences)})
-            self._fail([job], Expired(self.name))
         elif done.exception() is not None:
-            log.error("batch failed", exc_info=done.exception(),
-                      extra={"queue": self.name, "sequences": len(job.sequences)})
-            self._fail([job], done.exception())
+            self._compute_failed([job], done.exception())
         else:
             self._answer([job], done.result(), start)
 
@@ -271,18 +265,23 @@ class Batcher:
             start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self.executor, live[0].run, sequences, specs)
-            except Expired:  # the compute stopped at its rows' deadlines: expected, no traceback
-                log.info("batch stopped at its requests' deadlines (%d requests)", len(live),
-                         extra={"queue": self.name, "sequences": len(sequences)})
-                self._fail(live, Expired(self.name))
-                continue
             except Exception as exc:  # a bad batch fails its requests, never the worker
-                log.exception("batch failed", extra={"queue": self.name, "sequences": len(sequences)})
-                self._fail(live, exc)
+                self._compute_failed(live, exc)
                 continue
             finally:
                 self._running = False  # the answers below are delivered without yielding
             self._answer(live, results, start)
+
+    def _compute_failed(self, live: list[Job], exc: BaseException) -> None:
+        """A batch whose compute raised fails its requests. `Expired` (the compute stopped at its rows'
+        deadlines) is expected: one info line, no traceback; anything else is logged with its traceback."""
+        extra = {"queue": self.name, "sequences": sum(len(job.sequences) for job in live)}
+        if isinstance(exc, Expired):
+            log.info("batch stopped at its requests' deadlines (%d requests)", len(live), extra=extra)
+            self._fail(live, Expired(self.name))
+        else:
+            log.error("batch failed", exc_info=exc, extra=extra)
+            self._fail(live, exc)
 
     def _answer(self, live: list[Job], results: Sequence[Any], start: float) -> None:
         """Deliver a computed batch's results to its jobs, with their timings and the batch metrics."""

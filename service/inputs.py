@@ -200,21 +200,15 @@ def _strings_in(values: Iterable[Any]) -> int:
 
 def matrix(value: Any, field: str, n_features: int, min_len: int, max_len: int) -> np.ndarray:
     """One T x N matrix of finite numbers."""
-    if isinstance(value, np.ndarray):  # read by service/tensor_json.py: float32, T x N, finite, T and N >= 1
-        if len(value) > max_len:
-            raise InvalidInput(f"{field}: {len(value)} time steps, the model accepts at most {max_len}", field=field)
-        if len(value) < min_len:
-            raise InvalidInput(f"{field}: {len(value)} time steps, the model needs at least {min_len}", field=field)
-        if value.shape[1] != n_features:
-            raise InvalidInput(f"{field}: expected {n_features} features per time step, got {value.shape[1]}",
-                               field=field)
-        return value
-    if not isinstance(value, list) or not value:
+    # An array was read by service/tensor_json.py: float32, T x N, finite, T and N >= 1.
+    if not isinstance(value, np.ndarray) and (not isinstance(value, list) or not value):
         raise InvalidInput(f"{field}: must be a non-empty list of time steps (T x N numbers)", field=field)
     if len(value) > max_len:
         raise InvalidInput(f"{field}: {len(value)} time steps, the model accepts at most {max_len}", field=field)
     if len(value) < min_len:
         raise InvalidInput(f"{field}: {len(value)} time steps, the model needs at least {min_len}", field=field)
+    if isinstance(value, np.ndarray):
+        return _features(value, field, n_features)
     # Only JSON numbers. Where the body text shows the tensors hold nothing else (`validate`),
     # numpy builds float32 directly. Else numpy's own inference refuses strings, None and objects
     # (a non-numeric dtype) but turns true/false into 1/0, so where booleans may occur each value's
@@ -245,15 +239,20 @@ def matrix(value: Any, field: str, n_features: int, min_len: int, max_len: int) 
                     raise InvalidInput(f"{field}[{t}][{f}]: must be a number, got {type(v).__name__}",
                                        field=f"{field}[{t}][{f}]")
         raise InvalidInput(f"{field}: must be a T x N matrix of numbers", field=field)
-    if arr.shape[1] != n_features:
-        raise InvalidInput(f"{field}: expected {n_features} features per time step, got {arr.shape[1]}",
-                           field=field)
+    _features(arr, field, n_features)
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(np.float32, copy=False)
     if not np.isfinite(out).all():
         t, f = np.argwhere(~np.isfinite(out))[0]
         raise InvalidInput(f"{field}[{t}][{f}]: value {value[t][f]!r} is not a finite float32", field=f"{field}[{t}][{f}]")
     return out
+
+
+def _features(arr: np.ndarray, field: str, n_features: int) -> np.ndarray:
+    if arr.shape[1] != n_features:
+        raise InvalidInput(f"{field}: expected {n_features} features per time step, got {arr.shape[1]}",
+                           field=field)
+    return arr
 
 
 class OutOfRange(InvalidInput):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,7 @@ ENV_SWITCH = "ICASERVE_FAST_JSON"
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    lib = native.load(SOURCE, "JSON tensors (orjson and numpy)")
+    lib = native.load(SOURCE, "JSON tensors (orjson and numpy)", ENV_SWITCH)
     if lib is None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64

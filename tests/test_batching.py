@@ -36,6 +36,14 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def busy(compute: Compute, name: str, max_queue: int, first: int):
+    """A batcher whose idle lane is computing `[first]` (its future returned beside it)."""
+    b = Batcher(name, compute, max_batch=8, max_wait_s=0.0, max_queue=max_queue)
+    job = asyncio.ensure_future(b.submit([first], None, 5.0))
+    await asyncio.to_thread(compute.started.wait, 5.0)
+    return b, job
+
+
 def test_a_lone_request_is_answered_by_the_idle_lane_in_the_batchers_thread():
     compute = Compute()
 
@@ -114,13 +122,11 @@ def test_a_deadline_passing_in_the_queue_drops_the_job_before_it_costs_compute()
     compute = Compute(delay_s=0.3)
 
     async def main():
-        b = Batcher("explain", compute, max_batch=8, max_wait_s=0.0, max_queue=4)
-        busy = asyncio.ensure_future(b.submit([1], None, 5.0))
-        await asyncio.to_thread(compute.started.wait, 5.0)
+        b, first = await busy(compute, "explain", 4, 1)
         with pytest.raises(Expired):
             await b.submit([2], None, 0.05)
         assert b.depth() == 0  # it left the queue at its deadline
-        await busy
+        await first
         await b.drain_and_stop(1.0)
 
     run(main())
@@ -131,9 +137,7 @@ def test_a_cancelled_caller_leaves_the_queue_and_costs_no_compute():
     compute = Compute(delay_s=0.3)
 
     async def main():
-        b = Batcher("predict", compute, max_batch=8, max_wait_s=0.0, max_queue=4)
-        busy = asyncio.ensure_future(b.submit([1], None, 5.0))
-        await asyncio.to_thread(compute.started.wait, 5.0)
+        b, first = await busy(compute, "predict", 4, 1)
         gone = asyncio.ensure_future(b.submit([2], None, 5.0))
         await asyncio.sleep(0.01)
         assert b.depth() == 1
@@ -141,7 +145,7 @@ def test_a_cancelled_caller_leaves_the_queue_and_costs_no_compute():
         with pytest.raises(asyncio.CancelledError):
             await gone
         assert b.depth() == 0
-        assert await busy == [2]
+        assert await first == [2]
         await b.drain_and_stop(1.0)
 
     run(main())
@@ -173,14 +177,12 @@ def test_a_full_queue_refuses_while_an_idle_lane_job_computes():
     compute = Compute(delay_s=0.3)
 
     async def main():
-        b = Batcher("predict", compute, max_batch=8, max_wait_s=0.0, max_queue=2)
-        busy = asyncio.ensure_future(b.submit([0], None, 5.0))
-        await asyncio.to_thread(compute.started.wait, 5.0)
+        b, first = await busy(compute, "predict", 2, 0)
         queued = [asyncio.ensure_future(b.submit([i], None, 5.0)) for i in (1, 2)]
         await asyncio.sleep(0.01)
         with pytest.raises(QueueFull):
             await b.submit([3], None, 5.0)
-        out = await asyncio.gather(busy, *queued)
+        out = await asyncio.gather(first, *queued)
         await b.drain_and_stop(1.0)
         return out
 

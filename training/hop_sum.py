@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,9 +35,7 @@ ENV_SWITCH = "ICASERVE_FUSED_ICA"
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    lib = native.load(SOURCE, "ICA's hop sum (stock torch ops, slower on CPU)")
+    lib = native.load(SOURCE, "ICA's hop sum (stock torch ops, slower on CPU)", ENV_SWITCH)
     if lib is None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
