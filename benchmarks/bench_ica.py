@@ -200,7 +200,30 @@ def bench_case(hidden: int, batch: int, repeats: int) -> list[dict]:
     return rows
 
 
-def markdown_table(rows: list[dict], machine: dict) -> str:
+def isolated_per_sequence(rounds: int = 3, repeats_small: int = 201, repeats_large: int = 41) -> dict:
+    """The shipped shape's forward + input-gradient (hidden 5, the model's own path) at batch 1 and
+    at the largest batch, each in a loop of its own (rounds alternate the two): no other path runs
+    between repeats, so batch 1 is timed warm. The interleaved table above times it after the
+    other paths, colder; the per-sequence ratio is reported both ways."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_features=N, attention="ica", ica_variant="matrix", hidden=5,
+                                    r=R, d_a=D_A)).eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = {b: torch.randn(b, T, N, generator=gen) for b in (1, max(BATCHES))}
+    medians: dict[int, list[float]] = {b: [] for b in inputs}
+    for _ in range(rounds):
+        for b, x in inputs.items():
+            for _ in range(5):
+                _run(model, x, "forward+grad")
+            times = [_time(model, x, "forward+grad")[0] for _ in range(repeats_small if b == 1 else repeats_large)]
+            medians[b].append(statistics.median(times))
+    one, big = (statistics.median(medians[b]) for b in inputs)
+    return {"batch": max(BATCHES), "batch1_ms": one * 1e3, "batch_ms": big * 1e3,
+            "per_sequence_vs_batch1": big / max(BATCHES) / one, "rounds": rounds,
+            "repeats": [repeats_small, repeats_large]}
+
+
+def markdown_table(rows: list[dict], machine: dict, isolated: dict | None = None) -> str:
     lines = [
         "### Input-cell attention: parallel vs step-by-step (CPU)",
         "",
@@ -246,6 +269,13 @@ def markdown_table(rows: list[dict], machine: dict) -> str:
                       f"the floor's two kernels alone at batch {r['batch']} cost "
                       f"{r['floor_per_sequence_vs_batch1']:.2f}x of the model's batch-1 time per sequence "
                       f"(GEMM {r['floor_parts_ms']['gemm']:.2f} ms + recurrence {r['floor_parts_ms']['recurrence']:.2f} ms)."]
+    if isolated:
+        lines += ["", f"The same ratio with each batch size timed in a loop of its own (hidden 5, "
+                  f"{isolated['rounds']} alternating rounds, median): batch 1 {isolated['batch1_ms']:.2f} ms, "
+                  f"batch {isolated['batch']} {isolated['batch_ms']:.2f} ms, per sequence "
+                  f"{isolated['per_sequence_vs_batch1']:.2f}x. The interleaved table times batch 1 after "
+                  f"the other paths, colder, which favours the ratio; the target counts as met only when "
+                  f"both are within it."]
     lines += [
         "",
         "Times are wall-clock medians; `speedup, CPU time` is the ratio of median process CPU "
@@ -350,14 +380,19 @@ def main(argv: list[str] | None = None) -> int:
                           f"bound {r['speedup_bound']:.1f}x")
     per_seq = next((r for r in rows if r["hidden"] == 5 and r["batch"] == max(BATCHES)
                     and r["mode"] == "forward+grad"), None)
-    per_seq_met = bool(per_seq and per_seq["per_sequence_vs_batch1"] <= TARGET_PER_SEQUENCE)
+    console.print("  per sequence, each batch size in a loop of its own ...")
+    isolated = isolated_per_sequence()
+    per_seq_met = bool(per_seq and per_seq["per_sequence_vs_batch1"] <= TARGET_PER_SEQUENCE
+                       and isolated["per_sequence_vs_batch1"] <= TARGET_PER_SEQUENCE)
     if per_seq:
         console.print(
             f"target: per sequence at batch {per_seq['batch']} <= {TARGET_PER_SEQUENCE}x batch 1 (hidden 5, "
             f"forward+grad): " + ("[green]met[/]" if per_seq_met else "[red]NOT met[/]")
             + f" ({per_seq['per_sequence_vs_batch1']:.2f}x; stock ops {per_seq['per_sequence_vs_batch1_stock']:.2f}x; "
             f"floor per sequence {per_seq['floor_ms'] / per_seq['batch']:.3f} ms = "
-            f"{per_seq['floor_per_sequence_vs_batch1']:.2f}x)"
+            f"{per_seq['floor_per_sequence_vs_batch1']:.2f}x; each batch size in a loop of its own: "
+            f"{isolated['per_sequence_vs_batch1']:.2f}x, batch 1 {isolated['batch1_ms']:.2f} ms, "
+            f"batch {isolated['batch']} {isolated['batch_ms']:.2f} ms)"
         )
     console.print(f"largest max abs diff parallel vs step-by-step: {worst_diff:.1e}; "
                   f"benchmark time {elapsed:.0f} s")
@@ -378,10 +413,11 @@ def main(argv: list[str] | None = None) -> int:
                        "per_sequence_vs_batch1": TARGET_PER_SEQUENCE, "per_sequence_met": per_seq_met},
             "elapsed_s": elapsed,
             "results": rows,
+            "isolated_per_sequence": isolated,
         }
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-        write_markdown(markdown_table(rows, machine))
+        write_markdown(markdown_table(rows, machine, isolated))
         console.print(f"wrote {RESULTS.relative_to(ROOT)} and {MARKDOWN.relative_to(ROOT)}")
     return 0
 

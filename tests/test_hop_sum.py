@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not hop_sum.available(), reason="no C compiler: 
 
 def _pair(b: int, t: int, ph: int, r: int, g: int, dtype: torch.dtype, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    p = torch.randn(b, t, ph, g, generator=gen, dtype=dtype).requires_grad_(True)
+    p = torch.randn(b, t, g, ph, generator=gen, dtype=dtype).requires_grad_(True)
     w = (torch.rand(b, t, r, generator=gen, dtype=dtype) + 1e-3).requires_grad_(True)
     return p, w
 
@@ -73,6 +73,62 @@ def test_non_contiguous_inputs_are_taken_as_their_values():
     torch.testing.assert_close(hop_sum.hop_sum(pt, w), hop_sum.hop_sum_reference(p, w))
 
 
+@pytest.mark.parametrize("r", [8, 11, 20])
+def test_full_blocks_of_hops_and_a_remainder_equal_the_stock_ops(r):
+    """The kernel takes hops eight at a time, then one by one: r = 8, 11 and 20 take both paths."""
+    for ph in (r, 1):
+        p, w = _pair(2, 13, ph, r, 5, torch.float64, seed=r)
+        want = hop_sum.hop_sum_reference(p, w)
+        got = hop_sum.hop_sum(p, w)
+        grad_u = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        for a, b in zip((want, *torch.autograd.grad(want, (p, w), grad_u)),
+                        (got, *torch.autograd.grad(got, (p, w), grad_u))):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def _folded_case(b: int, ph: int, r: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    n, g, t = 7, 3, 9
+    x = torch.randn(b, t, n, generator=gen, dtype=dtype).requires_grad_(True)
+    rows = torch.randn(g * ph, n, generator=gen, dtype=dtype).requires_grad_(True)
+    w = (torch.rand(b, t, r, generator=gen, dtype=dtype) + 1e-3).requires_grad_(True)
+    return x, rows, w
+
+
+@pytest.mark.parametrize("ph", ["per hop", "shared"])
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 9 * 3 * 11 * 8, 1 << 20], ids=["one", "three", "all"])
+def test_folded_gates_equal_projection_then_hop_sum_in_any_chunking(ph, chunk_bytes, monkeypatch):
+    """Chunks of one sequence, of three (5 = 3 + 2: a partial last chunk) and the whole batch give
+    the stock composition's values and gradients for x, the weights and the prefix weights."""
+    monkeypatch.setattr(hop_sum, "CHUNK_BYTES", chunk_bytes)
+    r = 11
+    n_ph = r if ph == "per hop" else 1
+    x, rows, w = _folded_case(5, n_ph, r, torch.float64)
+    p = torch.matmul(x, rows.t()).reshape(5, 9, -1, n_ph)
+    want = hop_sum.hop_sum_reference(p, w)
+    got = hop_sum.folded_gates(x, rows, w, n_ph)
+    grad_u = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for a, b in zip((want, *torch.autograd.grad(want, (x, rows, w), grad_u)),
+                    (got, *torch.autograd.grad(got, (x, rows, w), grad_u))):
+        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-11)
+
+
+def test_folded_gates_gradcheck_and_float32_inputs_with_float64_weights(monkeypatch):
+    """gradcheck over several chunks; and the float64 fallback (weights past the float32-safe
+    spread) takes float32 inputs and weights, computing in float64."""
+    monkeypatch.setattr(hop_sum, "CHUNK_BYTES", 1)
+    x, rows, w = _folded_case(3, 4, 4, torch.float64, seed=2)
+    assert torch.autograd.gradcheck(lambda a, b, c: hop_sum.folded_gates(a, b, c, 4), (x, rows, w))
+    x32 = x.detach().float().requires_grad_(True)
+    got = hop_sum.folded_gates(x32, rows.detach().float(), w.detach(), 4)
+    assert got.dtype == torch.float64
+    want = hop_sum.hop_sum_reference(torch.matmul(x32.detach().double(), rows.detach().float().double().t())
+                                     .reshape(3, 9, -1, 4), w.detach())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (gx,) = torch.autograd.grad(got.sum(), x32)
+    assert gx.dtype == torch.float32 and torch.isfinite(gx).all()
+
+
 def _model(variant: str, hidden: int = 5, cell: str = "lstm", n: int = 40) -> torch.nn.Module:
     """G = 4, 3 or 1 x hidden < N: the folded form whose hop sum the kernel computes."""
     torch.manual_seed(0)
@@ -100,13 +156,13 @@ def test_the_toggle_switches_the_path_and_both_agree():
     model = _model("matrix")
     x = torch.randn(2, 20, 40)
     calls = []
-    original = hop_sum.HopSum.forward
+    original = hop_sum.FoldedGates.forward
 
-    def counting(ctx, p, w):
-        calls.append(p.shape)
-        return original(ctx, p, w)
+    def counting(ctx, x, rows, w, ph):
+        calls.append(x.shape)
+        return original(ctx, x, rows, w, ph)
 
-    hop_sum.HopSum.forward = staticmethod(counting)
+    hop_sum.FoldedGates.forward = staticmethod(counting)
     try:
         fused = model(x)
         assert len(calls) == 1
@@ -115,7 +171,7 @@ def test_the_toggle_switches_the_path_and_both_agree():
             stock = model(x)
         assert len(calls) == 1 and hop_sum.available()
     finally:
-        hop_sum.HopSum.forward = staticmethod(original)
+        hop_sum.FoldedGates.forward = staticmethod(original)
     torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-6)
 
 
@@ -127,7 +183,7 @@ def test_exports_keep_the_stock_ops():
     assert "hop_sum" not in scripted.code and "_folded_recurrence" in scripted.code
     torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-6)
     traced = torch.jit.trace(model, x)
-    assert "HopSum" not in str(traced.inlined_graph)
+    assert "HopSum" not in str(traced.inlined_graph) and "FoldedGates" not in str(traced.inlined_graph)
     torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-6)
     buf = io.BytesIO()
     torch.jit.save(scripted, buf)

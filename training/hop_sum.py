@@ -7,7 +7,12 @@
 which stock torch ops compute through (B, T, r, G) tensors that forward and backward pass over
 about twenty times (multiply, cumsum and its flip-cumsum-flip backward, the hop matmul); on a
 CPU that traffic, not arithmetic, is most of ICA's cost at large batches. The C kernel keeps the
-running sums in r x G accumulators instead: one pass over time forward, two backward.
+running sums in G x r accumulators instead: one pass over time forward, two backward.
+
+`folded_gates` (what the model calls) also takes the projection p_sj = W_ih^(j) x_s that feeds it,
+a few sequences at a time, so each chunk's p (and backward its gradient) goes from the GEMM to
+the kernel (and back) while it is still in cache. Its p is laid out (B, T, G, r), hops innermost,
+so that the rows of the GEMM's weight are W_ih itself, reshaped; `hop_sum` takes that layout too.
 
 Where it runs: eager CPU float32/float64 (training, the service's CPU modules, the benchmarks).
 Scripted and traced graphs (TorchScript and ONNX exports) keep the stock ops, so an exported file
@@ -66,57 +71,165 @@ def use_stock_ops() -> Iterator[None]:
         _enabled = before
 
 
-def applies(p: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `hop_sum(p, w)` would run the fused kernel for these tensors: eager (neither
-    scripting nor tracing), CPU, float32 or float64, and the kernel available."""
-    return (not torch.jit.is_tracing() and p.device.type == "cpu" and w.device.type == "cpu"
-            and p.dtype in (torch.float32, torch.float64) and w.dtype == p.dtype and available())
+def applies(v: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `hop_sum(v, w)` or `folded_gates(v, ..., w, ...)` would run the fused kernel for
+    these tensors: eager (neither scripting nor tracing), CPU, float32 or float64 (v is cast to w's
+    dtype), and the kernel available."""
+    floats = (torch.float32, torch.float64)
+    return (not torch.jit.is_tracing() and v.device.type == "cpu" and w.device.type == "cpu"
+            and v.dtype in floats and w.dtype in floats and available())
 
 
 def _suffix(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "f64"
 
 
+def _kernel(direction: str, dtype: torch.dtype):  # noqa: ANN202 - a ctypes function
+    return getattr(_library(), f"icaserve_hop_sum_{direction}_{_suffix(dtype)}")
+
+
+def _at(t: torch.Tensor, lo: int) -> int:
+    """Address of sequence `lo` of a contiguous batch-first tensor (no slice objects: at batch 1
+    their creation was a measurable part of the call)."""
+    return t.data_ptr() + lo * t.stride(0) * t.element_size()
+
+
+def _forward(p: torch.Tensor, w: torch.Tensor, u: torch.Tensor, inv_den: torch.Tensor, lo: int, hi: int) -> None:
+    """The kernel's forward on sequences lo..hi-1 of p (B, T, G, PH), w (B, T, r)."""
+    _, t, g, ph = p.shape
+    if _kernel("forward", p.dtype)(_at(p, lo), _at(w, lo), _at(u, lo), _at(inv_den, lo),
+                                   hi - lo, t, w.shape[2], ph, g) != 0:
+        raise MemoryError("hop_sum: out of memory")
+
+
+def _backward(p: torch.Tensor, w: torch.Tensor, inv_den: torch.Tensor, grad_u: torch.Tensor,
+              grad_p: torch.Tensor, grad_w: torch.Tensor, lo: int, hi: int) -> None:
+    """The kernel's backward on sequences lo..hi-1; grad_p holds just those (from its start)."""
+    _, t, g, ph = p.shape
+    if _kernel("backward", p.dtype)(_at(p, lo), _at(w, lo), _at(inv_den, lo), _at(grad_u, lo),
+                                    grad_p.data_ptr(), _at(grad_w, lo), hi - lo, t, w.shape[2], ph, g) != 0:
+        raise MemoryError("hop_sum: out of memory")
+
+
 class HopSum(torch.autograd.Function):
-    """u (B, T, G) from p (B, T, PH, G), PH in {1, r}, and w (B, T, r); see the module docstring."""
+    """u (B, T, G) from p (B, T, G, PH), PH in {1, r}, and w (B, T, r); see the module docstring."""
 
     @staticmethod
     def forward(ctx, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd's signature
         p, w = p.contiguous(), w.contiguous()
-        b, t, ph, g = p.shape
-        r = w.shape[2]
-        u = p.new_empty(b, t, g)
-        inv_den = torch.empty(b, t, r, dtype=torch.float64)
-        lib = _library()
-        status = getattr(lib, f"icaserve_hop_sum_forward_{_suffix(p.dtype)}")(
-            p.data_ptr(), w.data_ptr(), u.data_ptr(), inv_den.data_ptr(), b, t, r, ph, g)
-        if status != 0:
-            raise MemoryError("hop_sum: out of memory")
+        u = p.new_empty(p.shape[:3])
+        inv_den = torch.empty(w.shape, dtype=torch.float64)
+        _forward(p, w, u, inv_den, 0, p.shape[0])
         ctx.save_for_backward(p, w, inv_den)
         return u
 
     @staticmethod
     def backward(ctx, grad_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         p, w, inv_den = ctx.saved_tensors
-        grad_u = grad_u.contiguous()
-        b, t, ph, g = p.shape
-        r = w.shape[2]
         grad_p, grad_w = torch.empty_like(p), torch.empty_like(w)
-        status = getattr(_library(), f"icaserve_hop_sum_backward_{_suffix(p.dtype)}")(
-            p.data_ptr(), w.data_ptr(), inv_den.data_ptr(), grad_u.data_ptr(), grad_p.data_ptr(),
-            grad_w.data_ptr(), b, t, r, ph, g)
-        if status != 0:
-            raise MemoryError("hop_sum: out of memory")
+        _backward(p, w, inv_den, grad_u.contiguous(), grad_p, grad_w, 0, p.shape[0])
         return grad_p, grad_w
 
 
+#: Bytes of projections per chunk of `FoldedGates`: the chunk's p is written by the GEMM and read
+#: by the kernel (forward), and its gradient written by the kernel and read by the GEMM (backward),
+#: while both stay in a core's L2 cache (1 MB here). Measured at the shipped shape, batch 32:
+#: chunks of 4-8 sequences (0.6-1.3 MB) beat 2 and beat the whole batch at once (README "Speed").
+CHUNK_BYTES = 1 << 20
+
+
+class FoldedGates(torch.autograd.Function):
+    """u (B, T, G) = hop_sum(x @ rows.T viewed as (B, T, G, PH), w), a few sequences at a time.
+
+    rows (G*PH, N) are the input weights ordered (gate, hop). Taking the projection GEMM and the
+    hop sum chunk by chunk keeps each chunk's projections, and backward their gradient, in cache
+    between the two; unchunked, the (B, T, G, PH) tensors (5 MB at the shipped shape, batch 32)
+    go through memory at each hand-over. x, rows and w share one dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int) -> torch.Tensor:  # noqa: ANN001
+        x, w = x.contiguous(), w.contiguous()
+        b, t, n = x.shape
+        g = rows.shape[0] // ph
+        p = x.new_empty(b, t, g, ph)  # kept for backward, which reads it again
+        u = x.new_empty(b, t, g)
+        inv_den = torch.empty(w.shape, dtype=torch.float64)
+        x_rows, p_rows, weights = x.view(b * t, n), p.view(b * t, g * ph), rows.t()
+        chunk = _chunk(p)
+        for lo in range(0, b, chunk):
+            hi = min(b, lo + chunk)
+            if hi - lo == b:  # one chunk: the whole tensors, no slices (they cost ~1 us each)
+                torch.mm(x_rows, weights, out=p_rows)
+            else:
+                torch.mm(x_rows[lo * t : hi * t], weights, out=p_rows[lo * t : hi * t])
+            _forward(p, w, u, inv_den, lo, hi)
+        ctx.save_for_backward(x, rows, w, p, inv_den)
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
+        x, rows, w, p, inv_den = ctx.saved_tensors
+        grad_u = grad_u.contiguous()
+        b, t, g, ph = p.shape
+        n = x.shape[2]
+        want_x, want_rows, want_w = ctx.needs_input_grad[0], _wanted(ctx, 1), ctx.needs_input_grad[2]
+        grad_x = x.new_empty(b, t, n) if want_x else None
+        grad_rows = torch.zeros_like(rows) if want_rows else None
+        grad_w = torch.empty_like(w)
+        chunk = max(1, min(b, _chunk(p)))
+        grad_p = p.new_empty(chunk * t, g * ph)  # one chunk's worth, reused: it stays in cache
+        x_rows = x.view(b * t, n)
+        grad_x_rows = grad_x.view(b * t, n) if want_x else None
+        for lo in range(0, b, chunk):
+            hi = min(b, lo + chunk)
+            gp = grad_p if hi - lo == chunk else grad_p[: (hi - lo) * t]
+            _backward(p, w, inv_den, grad_u, gp, grad_w, lo, hi)
+            if want_x:
+                torch.mm(gp, rows, out=grad_x_rows if chunk == b else grad_x_rows[lo * t : hi * t])
+            if want_rows:
+                grad_rows.addmm_(gp.t(), x_rows if chunk == b else x_rows[lo * t : hi * t])
+        return grad_x, grad_rows, (grad_w if want_w else None), None
+
+
+def _wanted(ctx, i: int) -> bool:  # noqa: ANN001
+    """Whether this backward pass uses input i's gradient. `needs_input_grad` only says the input
+    requires grad: an explanation (autograd.grad w.r.t. the inputs alone) of a model whose weights
+    require grad would pay a (G*PH, N) weight-gradient GEMM as large as the projection itself. So
+    ask the engine whether it will run the node the gradient goes to (the check torch's own
+    checkpointing uses), falling back to `needs_input_grad` where it cannot say (a leaf under
+    autograd.grad). Asked for the weights only: each question took ~17 us at batch 1."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    if node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def _chunk(p: torch.Tensor) -> int:
+    """Sequences per chunk of `FoldedGates` (at least one)."""
+    per_sequence = p[0].numel() * p.element_size() if p.shape[0] else 1
+    return max(1, CHUNK_BYTES // max(1, per_sequence))
+
+
 def hop_sum(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The fused kernel (callers check `applies` first)."""
-    return HopSum.apply(p, w)
+    """The fused kernel on ready projections p (B, T, G, PH) (callers check `applies` first)."""
+    return HopSum.apply(p.to(w.dtype), w)
+
+
+def folded_gates(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int) -> torch.Tensor:
+    """The gate inputs u (B, T, G) from the inputs x (B, T, N), the input weights ordered (gate, hop)
+    `rows` (G*PH, N) and the prefix weights w (B, T, r): projection and hop sum fused chunk by chunk
+    (callers check `applies(x, w)` first). x and rows are cast to w's dtype (float64 past the
+    float32-safe score spread, training/ica.py)."""
+    return FoldedGates.apply(x.to(w.dtype), rows.to(w.dtype), w, ph)
 
 
 def hop_sum_reference(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The same function in stock torch ops (what scripted and traced graphs run)."""
-    num = torch.cumsum(w.unsqueeze(-1) * p, dim=1)  # (B, T, r, G)
-    inv_den = torch.reciprocal(torch.cumsum(w, dim=1)).unsqueeze(-2)  # (B, T, 1, r)
-    return torch.matmul(inv_den, num).squeeze(-2)
+    """`hop_sum` in stock torch ops, p (B, T, G, PH)."""
+    num = torch.cumsum(w.unsqueeze(-2) * p, dim=1)  # (B, T, G, r)
+    inv_den = torch.reciprocal(torch.cumsum(w, dim=1)).unsqueeze(-1)  # (B, T, r, 1)
+    return torch.matmul(num, inv_den).squeeze(-1)
