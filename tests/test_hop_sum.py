@@ -243,3 +243,48 @@ def test_the_service_serves_cpu_models_eagerly_with_the_same_answers(tmp_path):
     for a, b in zip(fused.explain(seqs, spec), plain.explain(seqs, spec)):
         np.testing.assert_allclose(a.saliency, b.saliency, rtol=1e-4, atol=1e-6)
         assert a.targets == b.targets
+
+
+def test_explanations_skip_the_weight_gradient_gemm_but_training_gets_it(monkeypatch):
+    """autograd.grad w.r.t. the inputs alone of a model whose weights require grad: the engine
+    will not use the weights' gradient, so FoldedGates does not compute it; .backward() does."""
+    model = _model("matrix")
+    x = torch.randn(3, 12, 40)
+    calls = []
+    original = torch.Tensor.addmm_
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", counting)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xg)[:, 0].sum(), xg)
+    assert not calls and torch.isfinite(grad).all()
+    model(x)[:, 0].sum().backward()
+    assert calls
+    want = model.rnn.weight_ih_l0.grad.clone()
+    model.zero_grad()
+    with hop_sum.use_stock_ops():
+        model(x)[:, 0].sum().backward()
+    torch.testing.assert_close(want, model.rnn.weight_ih_l0.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_scores_equal_tanh_below_and_above_the_sigmoid_switch(batch):
+    """Below _SIGMOID_TANH_MIN elements the scores use tanh; above, 2 sigmoid(2a) - 1 with tanh's
+    backward: equal values and input-gradients (float32 2e-6, float64 1e-12); exports keep tanh."""
+    from training import ica
+
+    for dtype, tol in ((torch.float32, 2e-6), (torch.float64, 1e-12)):
+        enc = ica.InputCellAttention(100, r=4, d_a=50).to(dtype)
+        x = (3 * torch.randn(batch, 100, 100, dtype=dtype)).requires_grad_(True)
+        assert (x.shape[0] * x.shape[1] * 50 >= ica._SIGMOID_TANH_MIN) == (batch == 8)
+        got = enc.scores(x)
+        want = enc.w2(torch.tanh(enc.w1(x)))
+        g = torch.randn(got.shape, dtype=dtype)
+        for a, b in zip((got, *torch.autograd.grad(got, x, g)), (want, *torch.autograd.grad(want, x, g))):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    scripted = torch.jit.script(ica.InputCellAttention(100, r=4, d_a=50))
+    graph = str(scripted.inlined_graph)
+    assert "SigmoidTanh" not in graph and "aten::tanh" in graph and "aten::sigmoid" not in graph
