@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("icaserve.native")
 
@@ -68,10 +69,10 @@ def _build(source: Path, compiler: str) -> Path:
     return target
 
 
-def load(source: Path, what: str, switch: str) -> ctypes.CDLL | None:
-    """The compiled `source` (built on first use); None when the environment variable `switch` is
-    0/false/no/off, or, with one warning naming `what` runs on the stock path, when it cannot be
-    built or loaded."""
+def load(source: Path, what: str, switch: str, functions: dict[str, list[Any]]) -> ctypes.CDLL | None:
+    """The compiled `source` (built on first use), each of its `functions` given its argument types
+    and an int status result; None when the environment variable `switch` is 0/false/no/off, or,
+    with one warning naming `what` runs on the stock path, when it cannot be built or loaded."""
     if os.environ.get(switch, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -79,7 +80,11 @@ def load(source: Path, what: str, switch: str) -> ctypes.CDLL | None:
         log.warning("no C compiler found: %s runs on the stock path", what)
         return None
     try:
-        return ctypes.CDLL(str(_build(source, compiler)))
+        lib = ctypes.CDLL(str(_build(source, compiler)))
+        for name, argtypes in functions.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        return lib
     except Exception as exc:  # a failed build or load: the stock path gives the same answers
         log.warning("%s: the C kernel is unavailable (%s); the stock path runs", what, exc)
         return None

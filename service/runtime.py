@@ -96,8 +96,8 @@ class LoadedModel:
     manifest: Manifest
     device: torch.device
     backend: str
-    predict_module: torch.nn.Module  # TorchScript, or eager on CPU with the fused hop sum (`fused_modules`)
-    explain_module: torch.nn.Module
+    predict_module: torch.nn.Module  # TorchScript
+    explain_module: torch.nn.Module  # TorchScript, or on CPU an eager copy with the fused kernel (`fused_explain_module`)
     onnx_session: Any = None
     mean: torch.Tensor = field(default=None)  # type: ignore[assignment]
     std: torch.Tensor = field(default=None)  # type: ignore[assignment]

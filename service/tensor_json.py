@@ -32,14 +32,9 @@ ENV_SWITCH = "ICASERVE_FAST_JSON"
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    lib = native.load(SOURCE, "JSON tensors (orjson and numpy)", ENV_SWITCH)
-    if lib is None:
-        return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn = lib.icaserve_scan_inputs
-    fn.argtypes = [ctypes.c_char_p, i64, ptr, i64, ptr, i64, ptr, ptr]
-    fn.restype = ctypes.c_int
-    return lib
+    return native.load(SOURCE, "JSON tensors (orjson and numpy)", ENV_SWITCH,
+                       {"icaserve_scan_inputs": [ctypes.c_char_p, i64, ptr, i64, ptr, i64, ptr, ptr]})
 
 
 def available() -> bool:

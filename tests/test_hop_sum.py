@@ -14,6 +14,7 @@ import torch
 
 from ica_reference import reference_forward
 from training import hop_sum
+from training.ica import prefix_weighted_sum
 from training.models import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def test_fused_equals_the_stock_ops_forward_and_backward(ph, dtype, t):
     r, g = 4, 6
     p, w = _pair(3, t, r if ph == "per hop" else 1, r, g, dtype)
     p64, w64 = (v.detach().double().requires_grad_(True) for v in (p, w))
-    want = hop_sum.hop_sum_reference(p64, w64)
+    want = prefix_weighted_sum(p64, w64)
     got = hop_sum.hop_sum(p, w)
     grad_u = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     wants = (want, *torch.autograd.grad(want, (p64, w64), grad_u))
@@ -60,7 +61,7 @@ def test_weights_spanning_float32s_range_stay_exact():
     p, _ = _pair(2, 50, 5, 5, 3, torch.float32)
     z = -60 * torch.rand(2, 50, 5, generator=torch.Generator().manual_seed(3))
     w = torch.exp(z).requires_grad_(True)
-    want = hop_sum.hop_sum_reference(p.double(), w.double())
+    want = prefix_weighted_sum(p.double(), w.double())
     got = hop_sum.hop_sum(p, w)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
@@ -70,7 +71,7 @@ def test_non_contiguous_inputs_are_taken_as_their_values():
     p, w = _pair(4, 9, 3, 3, 5, torch.float64)
     pt = p.detach().transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
     assert not pt.is_contiguous()
-    torch.testing.assert_close(hop_sum.hop_sum(pt, w), hop_sum.hop_sum_reference(p, w))
+    torch.testing.assert_close(hop_sum.hop_sum(pt, w), prefix_weighted_sum(p, w))
 
 
 @pytest.mark.parametrize("r", [8, 11, 20])
@@ -78,7 +79,7 @@ def test_full_blocks_of_hops_and_a_remainder_equal_the_stock_ops(r):
     """The kernel takes hops eight at a time, then one by one: r = 8, 11 and 20 take both paths."""
     for ph in (r, 1):
         p, w = _pair(2, 13, ph, r, 5, torch.float64, seed=r)
-        want = hop_sum.hop_sum_reference(p, w)
+        want = prefix_weighted_sum(p, w)
         got = hop_sum.hop_sum(p, w)
         grad_u = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
         for a, b in zip((want, *torch.autograd.grad(want, (p, w), grad_u)),
@@ -105,7 +106,7 @@ def test_folded_gates_equal_projection_then_hop_sum_in_any_chunking(ph, chunk_by
     n_ph = r if ph == "per hop" else 1
     x, rows, w = _folded_case(5, n_ph, r, torch.float64)
     p = torch.matmul(x, rows.t()).reshape(5, 9, -1, n_ph)
-    want = hop_sum.hop_sum_reference(p, w)
+    want = prefix_weighted_sum(p, w)
     got = hop_sum.folded_gates(x, rows, w, n_ph)
     grad_u = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     for a, b in zip((want, *torch.autograd.grad(want, (x, rows, w), grad_u)),
@@ -122,7 +123,7 @@ def test_folded_gates_gradcheck_and_float32_inputs_with_float64_weights(monkeypa
     x32 = x.detach().float().requires_grad_(True)
     got = hop_sum.folded_gates(x32, rows.detach().float(), w.detach(), 4)
     assert got.dtype == torch.float64
-    want = hop_sum.hop_sum_reference(torch.matmul(x32.detach().double(), rows.detach().float().double().t())
+    want = prefix_weighted_sum(torch.matmul(x32.detach().double(), rows.detach().float().double().t())
                                      .reshape(3, 9, -1, 4), w.detach())
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     (gx,) = torch.autograd.grad(got.sum(), x32)

@@ -40,16 +40,12 @@ ENV_SWITCH = "ICASERVE_FUSED_ICA"
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    lib = native.load(SOURCE, "ICA's hop sum (stock torch ops, slower on CPU)", ENV_SWITCH)
-    if lib is None:
-        return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    functions = {}
     for suffix in ("f32", "f64"):
-        fwd = getattr(lib, f"icaserve_hop_sum_forward_{suffix}")
-        fwd.argtypes, fwd.restype = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64], ctypes.c_int
-        bwd = getattr(lib, f"icaserve_hop_sum_backward_{suffix}")
-        bwd.argtypes, bwd.restype = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64], ctypes.c_int
-    return lib
+        functions[f"icaserve_hop_sum_forward_{suffix}"] = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
+        functions[f"icaserve_hop_sum_backward_{suffix}"] = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
+    return native.load(SOURCE, "ICA's hop sum (stock torch ops, slower on CPU)", ENV_SWITCH, functions)
 
 
 _enabled = True  # `use_stock_ops()` clears it for a while (benchmarks, parity tests)
@@ -111,26 +107,6 @@ def _backward(p: torch.Tensor, w: torch.Tensor, inv_den: torch.Tensor, grad_u: t
         raise MemoryError("hop_sum: out of memory")
 
 
-class HopSum(torch.autograd.Function):
-    """u (B, T, G) from p (B, T, G, PH), PH in {1, r}, and w (B, T, r); see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd's signature
-        p, w = p.contiguous(), w.contiguous()
-        u = p.new_empty(p.shape[:3])
-        inv_den = torch.empty(w.shape, dtype=torch.float64)
-        _forward(p, w, u, inv_den, 0, p.shape[0])
-        ctx.save_for_backward(p, w, inv_den)
-        return u
-
-    @staticmethod
-    def backward(ctx, grad_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-        p, w, inv_den = ctx.saved_tensors
-        grad_p, grad_w = torch.empty_like(p), torch.empty_like(w)
-        _backward(p, w, inv_den, grad_u.contiguous(), grad_p, grad_w, 0, p.shape[0])
-        return grad_p, grad_w
-
-
 #: Bytes of projections per chunk of `FoldedGates`: the chunk's p is written by the GEMM and read
 #: by the kernel (forward), and its gradient written by the kernel and read by the GEMM (backward),
 #: while both stay in a core's L2 cache (1 MB here). Measured at the shipped shape, batch 32:
@@ -158,10 +134,7 @@ class FoldedGates(torch.autograd.Function):
         chunk = _chunk(p)
         for lo in range(0, b, chunk):
             hi = min(b, lo + chunk)
-            if hi - lo == b:  # one chunk: the whole tensors, no slices (they cost ~1 us each)
-                torch.mm(x_rows, weights, out=p_rows)
-            else:
-                torch.mm(x_rows[lo * t : hi * t], weights, out=p_rows[lo * t : hi * t])
+            torch.mm(_steps(x_rows, lo, hi, t), weights, out=_steps(p_rows, lo, hi, t))
             _forward(p, w, u, inv_den, lo, hi)
         ctx.save_for_backward(x, rows, w, p, inv_den)
         return u
@@ -176,18 +149,18 @@ class FoldedGates(torch.autograd.Function):
         grad_x = x.new_empty(b, t, n) if want_x else None
         grad_rows = torch.zeros_like(rows) if want_rows else None
         grad_w = torch.empty_like(w)
-        chunk = max(1, min(b, _chunk(p)))
+        chunk = _chunk(p)
         grad_p = p.new_empty(chunk * t, g * ph)  # one chunk's worth, reused: it stays in cache
         x_rows = x.view(b * t, n)
         grad_x_rows = grad_x.view(b * t, n) if want_x else None
         for lo in range(0, b, chunk):
             hi = min(b, lo + chunk)
-            gp = grad_p if hi - lo == chunk else grad_p[: (hi - lo) * t]
+            gp = _steps(grad_p, 0, hi - lo, t)
             _backward(p, w, inv_den, grad_u, gp, grad_w, lo, hi)
             if want_x:
-                torch.mm(gp, rows, out=grad_x_rows if chunk == b else grad_x_rows[lo * t : hi * t])
+                torch.mm(gp, rows, out=_steps(grad_x_rows, lo, hi, t))
             if want_rows:
-                grad_rows.addmm_(gp.t(), x_rows if chunk == b else x_rows[lo * t : hi * t])
+                grad_rows.addmm_(gp.t(), _steps(x_rows, lo, hi, t))
         return grad_x, grad_rows, (grad_w if want_w else None), None
 
 
@@ -210,14 +183,22 @@ def _wanted(ctx, i: int) -> bool:  # noqa: ANN001
 
 
 def _chunk(p: torch.Tensor) -> int:
-    """Sequences per chunk of `FoldedGates` (at least one)."""
-    per_sequence = p[0].numel() * p.element_size() if p.shape[0] else 1
-    return max(1, CHUNK_BYTES // max(1, per_sequence))
+    """Sequences per chunk of `FoldedGates`: at least one, at most the batch."""
+    per_sequence = max(1, p[0].numel() * p.element_size()) if p.shape[0] else 1
+    return max(1, min(p.shape[0], CHUNK_BYTES // per_sequence))
+
+
+def _steps(rows: torch.Tensor, lo: int, hi: int, t: int) -> torch.Tensor:
+    """The rows of sequences lo..hi-1 of a (B*T, K) matrix: the matrix itself when that is all of
+    it (a slice costs ~1 us, a measurable part of a batch-1 call)."""
+    return rows if lo == 0 and hi * t == rows.shape[0] else rows[lo * t : hi * t]
 
 
 def hop_sum(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The fused kernel on ready projections p (B, T, G, PH) (callers check `applies` first)."""
-    return HopSum.apply(p.to(w.dtype), w)
+    """The kernel on ready projections p (B, T, G, PH): `folded_gates` with identity weights, so
+    p passes through the GEMM exactly (tests check the kernel through it; callers check `applies`)."""
+    b, t, g, ph = p.shape
+    return folded_gates(p.reshape(b, t, g * ph), torch.eye(g * ph, dtype=w.dtype), w, ph)
 
 
 def folded_gates(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int) -> torch.Tensor:
@@ -226,10 +207,3 @@ def folded_gates(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int) 
     (callers check `applies(x, w)` first). x and rows are cast to w's dtype (float64 past the
     float32-safe score spread, training/ica.py)."""
     return FoldedGates.apply(x.to(w.dtype), rows.to(w.dtype), w, ph)
-
-
-def hop_sum_reference(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`hop_sum` in stock torch ops, p (B, T, G, PH)."""
-    num = torch.cumsum(w.unsqueeze(-2) * p, dim=1)  # (B, T, G, r)
-    inv_den = torch.reciprocal(torch.cumsum(w, dim=1)).unsqueeze(-1)  # (B, T, r, 1)
-    return torch.matmul(num, inv_den).squeeze(-1)

@@ -52,6 +52,17 @@ class _SigmoidTanh(torch.autograd.Function):
         return torch.ops.aten.tanh_backward(grad, h)
 
 
+def prefix_weighted_sum(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The hop sum in stock torch ops (what scripted and traced graphs run; the fused kernel,
+    training/hop_sum.py, computes the same): u[t, k] = sum_j N[t, k, j] / D[t, j], with
+    N = the prefix sums of w p, D = those of w; p (B, T, G, PH), PH in {1, r}, w (B, T, r).
+    The division is a small matmul over hops, so no (B, T, G, r)-sized quotient or its backward
+    is formed."""
+    num = torch.cumsum(w.unsqueeze(-2) * p, dim=1)  # (B, T, G, r)
+    inv_den = torch.reciprocal(torch.cumsum(w, dim=1)).unsqueeze(-1)  # (B, T, r, 1)
+    return torch.matmul(num, inv_den).squeeze(-1)
+
+
 class InputCellAttention(nn.Module):
     """Maps x (B, T, N) to the cell inputs: (B, T, r*N) for `matrix`, (B, T, N) for `mean`."""
 
@@ -133,24 +144,16 @@ class InputCellAttention(nn.Module):
         if g >= self.n_features:
             return torch.matmul(self.forward(x), w_ih.t())
         w = self._prefix_weights(x)
+        # rows ordered (gate, hop), so x @ rows.T is p (B, T, G, r): for `matrix` a view of W_ih
+        if self.variant == "matrix":
+            rows, ph = w_ih.reshape(g * self.r, self.n_features), self.r
+        else:
+            rows, ph = w_ih / self.r, 1
         if not torch.jit.is_scripting():  # eager CPU: projection and hop sum fused (training/hop_sum.py)
             if hop_sum.applies(x, w):
-                # rows ordered (gate, hop), as the kernel's p (B, T, G, r): for `matrix` a view of W_ih
-                if self.variant == "matrix":
-                    rows, ph = w_ih.reshape(g * self.r, self.n_features), self.r
-                else:
-                    rows, ph = w_ih / self.r, 1
                 return hop_sum.folded_gates(x, rows, w, ph).to(x.dtype)
-        if self.variant == "matrix":
-            # rows ordered (hop, gate): (r*G, N), so x @ it.T is (B, T, r, G)
-            blocks = w_ih.reshape(g, self.r, self.n_features).transpose(0, 1).reshape(self.r * g, self.n_features)
-            p = torch.matmul(x, blocks.t()).reshape(x.shape[0], x.shape[1], self.r, g)
-        else:
-            p = torch.matmul(x, w_ih.t()).unsqueeze(2) / self.r  # (B, T, 1, G), shared by every hop
-        p = p.to(w.dtype)
-        num = torch.cumsum(w.unsqueeze(-1) * p, dim=1)  # (B, T, r, G)
-        inv_den = torch.reciprocal(torch.cumsum(w, dim=1)).unsqueeze(-2)  # (B, T, 1, r)
-        return torch.matmul(inv_den, num).squeeze(-2).to(x.dtype)
+        p = torch.matmul(x, rows.t()).reshape(x.shape[0], x.shape[1], g, ph).to(w.dtype)
+        return prefix_weighted_sum(p, w).to(x.dtype)
 
     @torch.jit.export
     def attention(self, x: torch.Tensor) -> torch.Tensor:
