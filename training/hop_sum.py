@@ -129,7 +129,7 @@ class FoldedGates(torch.autograd.Function):
         g = rows.shape[0] // ph
         p = x.new_empty(b, t, g, ph)  # kept for backward, which reads it again
         u = x.new_empty(b, t, g)
-        inv_den = torch.empty(w.shape, dtype=torch.float64)
+        inv_den = torch.empty(w.shape, dtype=w.dtype)
         x_rows, p_rows, weights = x.view(b * t, n), p.view(b * t, g * ph), rows.t()
         chunk = _chunk(p)
         for lo in range(0, b, chunk):
@@ -145,7 +145,7 @@ class FoldedGates(torch.autograd.Function):
         grad_u = grad_u.contiguous()
         b, t, g, ph = p.shape
         n = x.shape[2]
-        want_x, want_rows, want_w = ctx.needs_input_grad[0], _wanted(ctx, 1), ctx.needs_input_grad[2]
+        want_x, want_rows, want_w = ctx.needs_input_grad[0], wanted(ctx, 1), ctx.needs_input_grad[2]
         grad_x = x.new_empty(b, t, n) if want_x else None
         grad_rows = torch.zeros_like(rows) if want_rows else None
         grad_w = torch.empty_like(w)
@@ -164,7 +164,7 @@ class FoldedGates(torch.autograd.Function):
         return grad_x, grad_rows, (grad_w if want_w else None), None
 
 
-def _wanted(ctx, i: int) -> bool:  # noqa: ANN001
+def wanted(ctx, i: int) -> bool:  # noqa: ANN001
     """Whether this backward pass uses input i's gradient. `needs_input_grad` only says the input
     requires grad: an explanation (autograd.grad w.r.t. the inputs alone) of a model whose weights
     require grad would pay a (G*PH, N) weight-gradient GEMM as large as the projection itself. So
