@@ -159,26 +159,23 @@ def test_models_on_the_fused_path_equal_the_step_by_step_reference(variant, cell
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_the_toggle_switches_the_path_and_both_agree():
+def test_the_toggle_switches_the_path_and_both_agree(monkeypatch):
     model = _model("matrix")
     x = torch.randn(2, 20, 40)
     calls = []
-    original = hop_sum.FoldedGates.forward
+    original = hop_sum._forward
 
-    def counting(ctx, x, rows, w, ph):
-        calls.append(x.shape)
-        return original(ctx, x, rows, w, ph)
+    def counting(p, *args):
+        calls.append(p.shape)
+        return original(p, *args)
 
-    hop_sum.FoldedGates.forward = staticmethod(counting)
-    try:
-        fused = model(x)
-        assert len(calls) == 1
-        with hop_sum.use_stock_ops():
-            assert not hop_sum.available()
-            stock = model(x)
-        assert len(calls) == 1 and hop_sum.available()
-    finally:
-        hop_sum.FoldedGates.forward = staticmethod(original)
+    monkeypatch.setattr(hop_sum, "_forward", counting)
+    fused = model(x)
+    assert len(calls) == 1
+    with hop_sum.use_stock_ops():
+        assert not hop_sum.available()
+        stock = model(x)
+    assert len(calls) == 1 and hop_sum.available()
     torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-6)
 
 
@@ -261,15 +258,16 @@ def test_explanations_skip_the_weight_gradient_gemm_but_training_gets_it(monkeyp
     original = torch.Tensor.addmm_
 
     def counting(self, *args, **kwargs):
-        calls.append(self.shape)
+        calls.append(tuple(self.shape))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "addmm_", counting)
+    rows = (model.rnn.weight_ih_l0.shape[0] * model.encoder.r, x.shape[2])  # the (gate, hop) rows' gradient
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xg)[:, 0].sum(), xg)
-    assert not calls and torch.isfinite(grad).all()
+    assert rows not in calls and torch.isfinite(grad).all()
     model(x)[:, 0].sum().backward()
-    assert calls
+    assert rows in calls
     want = model.rnn.weight_ih_l0.grad.clone()
     model.zero_grad()
     with hop_sum.use_stock_ops():
@@ -368,3 +366,65 @@ def test_explanations_skip_the_attention_weight_gradients(monkeypatch):
     model(x)[:, 0].sum().backward()
     for a, b in zip(want, (enc.w1.weight.grad, enc.w2.weight.grad)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["matrix", "mean"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_one_node_float32_path_equals_the_stock_ops(variant, batch):
+    """Float32 with the prefix sums in float32: `FoldedICA` (C tanh, shift and exp, dL/de from the
+    kernel, the score path's input-gradient added in place) against the stock ops: gate inputs and
+    the gradients of x, W1, W2 and W_ih, 1e-5 of each result's scale."""
+    from training import ica
+
+    torch.manual_seed(1)
+    enc = ica.InputCellAttention(40, r=4, d_a=6, variant=variant)
+    w_ih = (0.3 * torch.randn(8, 4 * 40 if variant == "matrix" else 40)).requires_grad_(True)
+    x = (2 * torch.randn(batch, 30, 40)).requires_grad_(True)
+    calls = []
+    original = hop_sum.FoldedICA.forward
+
+    def counting(ctx, *args):
+        calls.append(1)
+        return original(ctx, *args)
+
+    hop_sum.FoldedICA.forward = staticmethod(counting)
+    try:
+        got = enc.gate_inputs(x, w_ih)
+    finally:
+        hop_sum.FoldedICA.forward = staticmethod(original)
+    assert calls and not enc._wide(x)
+    with hop_sum.use_stock_ops():
+        want = enc.gate_inputs(x, w_ih)
+    g = torch.randn(got.shape)
+    inputs = (x, enc.w1.weight, enc.w2.weight, w_ih)
+    for a, b in zip((got, *torch.autograd.grad(got, inputs, g)), (want, *torch.autograd.grad(want, inputs, g))):
+        scale = float(b.detach().abs().max().clamp(min=1))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_wide_scores_take_the_float64_sums_and_agree():
+    """Past the float32-safe score spread the gate inputs come from float64 prefix weights (the two
+    nodes, not `FoldedICA`), equal to the stock ops."""
+    from training import ica
+
+    torch.manual_seed(2)
+    enc = ica.InputCellAttention(40, r=4, d_a=6)
+    with torch.no_grad():
+        enc.w2.weight.mul_(40.0)
+    assert enc._wide(torch.zeros(1, dtype=torch.float32))
+    w_ih = 0.3 * torch.randn(8, 4 * 40)
+    x = (2 * torch.randn(3, 25, 40)).requires_grad_(True)
+    calls = []
+    original = hop_sum.FoldedICA.forward
+    hop_sum.FoldedICA.forward = staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a))
+    try:
+        got = enc.gate_inputs(x, w_ih)
+    finally:
+        hop_sum.FoldedICA.forward = staticmethod(original)
+    assert not calls and torch.isfinite(got).all()
+    with hop_sum.use_stock_ops():
+        want = enc.gate_inputs(x, w_ih)
+    g = torch.randn(got.shape)
+    for a, b in zip((got, *torch.autograd.grad(got, x, g)), (want, *torch.autograd.grad(want, x, g))):
+        scale = float(b.detach().abs().max().clamp(min=1))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)

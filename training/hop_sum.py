@@ -9,10 +9,12 @@ about twenty times (multiply, cumsum and its flip-cumsum-flip backward, the hop 
 CPU that traffic, not arithmetic, is most of ICA's cost at large batches. The C kernel keeps the
 running sums in G x r accumulators instead: one pass over time forward, two backward.
 
-`folded_gates` (what the model calls) also takes the projection p_sj = W_ih^(j) x_s that feeds it,
+`folded_gates` also takes the projection p_sj = W_ih^(j) x_s that feeds it,
 a few sequences at a time, so each chunk's p (and backward its gradient) goes from the GEMM to
 the kernel (and back) while it is still in cache. Its p is laid out (B, T, G, r), hops innermost,
 so that the rows of the GEMM's weight are W_ih itself, reshaped; `hop_sum` takes that layout too.
+`folded_ica` (what a float32 model calls) adds the attention's weights w = exp(W2 tanh(W1 x) - max)
+in front, one autograd node whose elementwise steps run in C as well.
 
 Where it runs: eager CPU float32/float64 (training, the service's CPU modules, the benchmarks).
 Scripted and traced graphs (TorchScript and ONNX exports) keep the stock ops, so an exported file
@@ -44,7 +46,11 @@ def _library() -> ctypes.CDLL | None:
     functions = {}
     for suffix in ("f32", "f64"):
         functions[f"icaserve_hop_sum_forward_{suffix}"] = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
-        functions[f"icaserve_hop_sum_backward_{suffix}"] = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
+        functions[f"icaserve_hop_sum_backward_{suffix}"] = [ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
+                                                            i64, i64, i64, i64, i64]
+    functions["icaserve_tanh_f32"] = [ptr, i64]
+    functions["icaserve_tanh_backward_f32"] = [ptr, ptr, i64]
+    functions["icaserve_shift_exp_f32"] = [ptr, i64, i64, i64]
     return native.load(SOURCE, "ICA's hop sum (stock torch ops, slower on CPU)", ENV_SWITCH, functions)
 
 
@@ -99,11 +105,13 @@ def _forward(p: torch.Tensor, w: torch.Tensor, u: torch.Tensor, inv_den: torch.T
 
 
 def _backward(p: torch.Tensor, w: torch.Tensor, inv_den: torch.Tensor, grad_u: torch.Tensor,
-              grad_p: torch.Tensor, grad_w: torch.Tensor, lo: int, hi: int) -> None:
-    """The kernel's backward on sequences lo..hi-1; grad_p holds just those (from its start)."""
+              grad_p: torch.Tensor, grad_w: torch.Tensor, lo: int, hi: int, times_w: bool) -> None:
+    """The kernel's backward on sequences lo..hi-1; grad_p holds just those (from its start).
+    With `times_w`, grad_w gets w * dL/dw (= dL/de for w = exp(e - shift))."""
     _, t, g, ph = p.shape
     if _kernel("backward", p.dtype)(_at(p, lo), _at(w, lo), _at(inv_den, lo), _at(grad_u, lo),
-                                    grad_p.data_ptr(), _at(grad_w, lo), hi - lo, t, w.shape[2], ph, g) != 0:
+                                    grad_p.data_ptr(), _at(grad_w, lo), int(times_w), hi - lo, t,
+                                    w.shape[2], ph, g) != 0:
         raise MemoryError("hop_sum: out of memory")
 
 
@@ -112,6 +120,49 @@ def _backward(p: torch.Tensor, w: torch.Tensor, inv_den: torch.Tensor, grad_u: t
 #: while both stay in a core's L2 cache (1 MB here). Measured at the shipped shape, batch 32:
 #: chunks of 4-8 sequences (0.6-1.3 MB) beat 2 and beat the whole batch at once (README "Speed").
 CHUNK_BYTES = 1 << 20
+
+
+def _gates_forward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int):  # noqa: ANN202
+    """u (B, T, G) = hop_sum(x @ rows.T viewed as (B, T, G, PH), w), chunk by chunk; returns u and
+    what backward reads again (the projections p and 1 / the prefix sums of w)."""
+    b, t, n = x.shape
+    g = rows.shape[0] // ph
+    p = x.new_empty(b, t, g, ph)
+    u = x.new_empty(b, t, g)
+    inv_den = torch.empty(w.shape, dtype=w.dtype)
+    x_rows, p_rows, weights = x.view(b * t, n), p.view(b * t, g * ph), rows.t()
+    chunk = _chunk(p)
+    for lo in range(0, b, chunk):
+        hi = min(b, lo + chunk)
+        torch.mm(_steps(x_rows, lo, hi, t), weights, out=_steps(p_rows, lo, hi, t))
+        _forward(p, w, u, inv_den, lo, hi)
+    return u, p, inv_den
+
+
+def _gates_backward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, p: torch.Tensor,
+                    inv_den: torch.Tensor, grad_u: torch.Tensor, want_x: bool, want_rows: bool,
+                    times_w: bool):  # noqa: ANN202
+    """The gradients of x (or None), rows (or None) and w (times w with `times_w`), chunk by chunk:
+    each chunk's dL/dp goes from the kernel to the GEMMs while it is in cache."""
+    grad_u = grad_u.contiguous()
+    b, t, g, ph = p.shape
+    n = x.shape[2]
+    grad_x = x.new_empty(b, t, n) if want_x else None
+    grad_rows = torch.zeros_like(rows) if want_rows else None
+    grad_w = torch.empty_like(w)
+    chunk = _chunk(p)
+    grad_p = p.new_empty(chunk * t, g * ph)  # one chunk's worth, reused: it stays in cache
+    x_rows = x.view(b * t, n)
+    grad_x_rows = grad_x.view(b * t, n) if want_x else None
+    for lo in range(0, b, chunk):
+        hi = min(b, lo + chunk)
+        gp = _steps(grad_p, 0, hi - lo, t)
+        _backward(p, w, inv_den, grad_u, gp, grad_w, lo, hi, times_w)
+        if want_x:
+            torch.mm(gp, rows, out=_steps(grad_x_rows, lo, hi, t))
+        if want_rows:
+            grad_rows.addmm_(gp.t(), _steps(x_rows, lo, hi, t))
+    return grad_x, grad_rows, grad_w
 
 
 class FoldedGates(torch.autograd.Function):
@@ -125,43 +176,61 @@ class FoldedGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int) -> torch.Tensor:  # noqa: ANN001
         x, w = x.contiguous(), w.contiguous()
-        b, t, n = x.shape
-        g = rows.shape[0] // ph
-        p = x.new_empty(b, t, g, ph)  # kept for backward, which reads it again
-        u = x.new_empty(b, t, g)
-        inv_den = torch.empty(w.shape, dtype=w.dtype)
-        x_rows, p_rows, weights = x.view(b * t, n), p.view(b * t, g * ph), rows.t()
-        chunk = _chunk(p)
-        for lo in range(0, b, chunk):
-            hi = min(b, lo + chunk)
-            torch.mm(_steps(x_rows, lo, hi, t), weights, out=_steps(p_rows, lo, hi, t))
-            _forward(p, w, u, inv_den, lo, hi)
+        u, p, inv_den = _gates_forward(x, rows, w, ph)
         ctx.save_for_backward(x, rows, w, p, inv_den)
         return u
 
     @staticmethod
     def backward(ctx, grad_u: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
         x, rows, w, p, inv_den = ctx.saved_tensors
-        grad_u = grad_u.contiguous()
-        b, t, g, ph = p.shape
-        n = x.shape[2]
-        want_x, want_rows, want_w = ctx.needs_input_grad[0], wanted(ctx, 1), ctx.needs_input_grad[2]
-        grad_x = x.new_empty(b, t, n) if want_x else None
-        grad_rows = torch.zeros_like(rows) if want_rows else None
-        grad_w = torch.empty_like(w)
-        chunk = _chunk(p)
-        grad_p = p.new_empty(chunk * t, g * ph)  # one chunk's worth, reused: it stays in cache
-        x_rows = x.view(b * t, n)
-        grad_x_rows = grad_x.view(b * t, n) if want_x else None
-        for lo in range(0, b, chunk):
-            hi = min(b, lo + chunk)
-            gp = _steps(grad_p, 0, hi - lo, t)
-            _backward(p, w, inv_den, grad_u, gp, grad_w, lo, hi)
-            if want_x:
-                torch.mm(gp, rows, out=_steps(grad_x_rows, lo, hi, t))
-            if want_rows:
-                grad_rows.addmm_(gp.t(), _steps(x_rows, lo, hi, t))
-        return grad_x, grad_rows, (grad_w if want_w else None), None
+        grad_x, grad_rows, grad_w = _gates_backward(x, rows, w, p, inv_den, grad_u, ctx.needs_input_grad[0],
+                                                    wanted(ctx, 1), times_w=False)
+        return grad_x, grad_rows, (grad_w if ctx.needs_input_grad[2] else None), None
+
+
+class FoldedICA(torch.autograd.Function):
+    """ICA's gate inputs in float32 from x and the weights, as one node: the attention's prefix
+    weights w = exp(W2 tanh(W1 x) - max over time), then `FoldedGates`' chunked projection and hop
+    sum. One node lets the elementwise steps run in place in C (tanh, the shift and exp, tanh's
+    backward), the kernel hand back dL/de = w dL/dw directly, and the score path's input-gradient
+    be added into the projection's in place: ~0.2 ms less than the two nodes at the shipped shape,
+    batch 32 (BENCHMARKS.md). The values are those of `ica.InputCellAttention._prefix_weights` and
+    `FoldedGates` (tests/test_hop_sum.py). Only where the prefix sums run in float32 (the float64
+    fallback for wide score spreads takes the two nodes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor,  # noqa: ANN001
+                ph: int) -> torch.Tensor:
+        x = x.contiguous()
+        b, t, n = x.shape
+        lib = _library()
+        h = torch.mm(x.view(b * t, n), w1.t())
+        lib.icaserve_tanh_f32(h.data_ptr(), h.numel())
+        w = torch.mm(h, w2.t()).view(b, t, -1)
+        if lib.icaserve_shift_exp_f32(w.data_ptr(), b, t, w.shape[2]) != 0:
+            raise MemoryError("hop_sum: out of memory")
+        u, p, inv_den = _gates_forward(x, rows, w, ph)
+        ctx.save_for_backward(x, w1, w2, rows, h, w, p, inv_den)
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
+        x, w1, w2, rows, h, w, p, inv_den = ctx.saved_tensors
+        b, t, n = x.shape
+        want_x = ctx.needs_input_grad[0]
+        grad_x, grad_rows, grad_e = _gates_backward(x, rows, w, p, inv_den, grad_u, want_x, wanted(ctx, 3),
+                                                    times_w=True)
+        de = grad_e.view(b * t, -1)
+        grad_w1 = grad_w2 = None
+        if wanted(ctx, 2):
+            grad_w2 = torch.mm(de.t(), h)
+        da = torch.mm(de, w2)
+        _library().icaserve_tanh_backward_f32(da.data_ptr(), h.data_ptr(), da.numel())
+        if wanted(ctx, 1):
+            grad_w1 = torch.mm(da.t(), x.view(b * t, n))
+        if want_x:
+            grad_x.view(b * t, n).addmm_(da, w1)
+        return grad_x, grad_w1, grad_w2, grad_rows, None
 
 
 def wanted(ctx, i: int) -> bool:  # noqa: ANN001
@@ -199,6 +268,13 @@ def hop_sum(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     p passes through the GEMM exactly (tests check the kernel through it; callers check `applies`)."""
     b, t, g, ph = p.shape
     return folded_gates(p.reshape(b, t, g * ph), torch.eye(g * ph, dtype=w.dtype), w, ph)
+
+
+def folded_ica(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor, ph: int) -> torch.Tensor:
+    """The gate inputs u (B, T, G) from float32 inputs x (B, T, N), the attention's W1 and W2 and the
+    input weights ordered (gate, hop) `rows` (G*PH, N), all in one node (`FoldedICA`; callers check
+    `applies(x, x)` and that the prefix sums run in float32)."""
+    return FoldedICA.apply(x, w1, w2, rows, ph)
 
 
 def folded_gates(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int) -> torch.Tensor:

@@ -53,7 +53,9 @@ class _SigmoidTanh(torch.autograd.Function):
 
 
 class _PrefixWeights(torch.autograd.Function):
-    """w = exp(e - max_s e), e = W2 tanh(W1 x): `_prefix_weights` written out by hand for eager CPU.
+    """w = exp(e - max_s e), e = W2 tanh(W1 x): `_prefix_weights` written out by hand for eager CPU
+    (float64, the float64 fallback, and the forms that do not fold; float32 folded models take
+    training/hop_sum.py `FoldedICA`, which does this in C inside one node with the hop sum).
 
     Autograd over the stock ops took ~1.6 ms at the shipped shape, batch 32, forward + input-gradient,
     a tenth of the model; most of it was not the two GEMMs but the ops around them (scale, sigmoid,
@@ -143,7 +145,7 @@ class InputCellAttention(nn.Module):
     def _prefix_weights(self, x: torch.Tensor) -> torch.Tensor:
         """exp(e_s - max_s e_s), shape (B, T, r), in (0, 1], in the dtype the prefix sums run in:
         the input's, or float64 past the safe score spread (module docstring)."""
-        wide = x.dtype != torch.float64 and self.score_spread_bound() > self.float32_safe_spread
+        wide = self._wide(x)
         if not torch.jit.is_scripting() and not torch.jit.is_tracing() and x.device.type == "cpu":
             return _PrefixWeights.apply(x, self.w1.weight, self.w2.weight, wide)
         e = self.scores(x)
@@ -156,6 +158,10 @@ class InputCellAttention(nn.Module):
         if wide:
             z = z.double()
         return torch.exp(z)
+
+    def _wide(self, x: torch.Tensor) -> bool:
+        """Whether the prefix sums of float32 inputs run in float64 (module docstring)."""
+        return x.dtype != torch.float64 and self.score_spread_bound() > self.float32_safe_spread
 
     def score_spread_bound(self) -> float:
         """Upper bound of max_s e_s - min_s e_s for any input: 2 max_j |W2_j|_1 (|tanh| <= 1)."""
@@ -179,23 +185,28 @@ class InputCellAttention(nn.Module):
         Either way the projection happens here rather than inside the fused RNN, whose backward
         would also compute the weight gradients that an explanation never uses.
         The hop sum weighs each hop's prefix sum by 1 / (its prefix weight). Eager on a CPU the
-        projection and the hop sum run fused, a few sequences at a time (training/hop_sum.py);
-        scripted or traced (exports) they are stock ops: a small matmul over hops, so no
-        (B, T, r, G)-sized division or its backward is ever formed.
+        projection and the hop sum run fused, a few sequences at a time (training/hop_sum.py), in
+        float32 together with the attention's scores and weights as one autograd node
+        (`FoldedICA`); scripted or traced (exports) they are stock ops: a small matmul over hops,
+        so no (B, T, r, G)-sized division or its backward is ever formed.
         Same weights, shift and float64 fallback as `embed` (`_prefix_weights`).
         """
         g = w_ih.shape[0]
         if g >= self.n_features:
             return torch.matmul(self.forward(x), w_ih.t())
-        w = self._prefix_weights(x)
         # rows ordered (gate, hop), so x @ rows.T is p (B, T, G, r): for `matrix` a view of W_ih
         if self.variant == "matrix":
             rows, ph = w_ih.reshape(g * self.r, self.n_features), self.r
         else:
             rows, ph = w_ih / self.r, 1
-        if not torch.jit.is_scripting():  # eager CPU: projection and hop sum fused (training/hop_sum.py)
+        if not torch.jit.is_scripting():  # eager CPU: fused (training/hop_sum.py)
+            if (x.dtype == torch.float32 and hop_sum.applies(x, x) and rows.dtype == x.dtype
+                    and self.w1.weight.dtype == x.dtype and not self._wide(x)):
+                return hop_sum.folded_ica(x, self.w1.weight, self.w2.weight, rows, ph)
+            w = self._prefix_weights(x)
             if hop_sum.applies(x, w):
                 return hop_sum.folded_gates(x, rows, w, ph).to(x.dtype)
+        w = self._prefix_weights(x)
         p = torch.matmul(x, rows.t()).reshape(x.shape[0], x.shape[1], g, ph).to(w.dtype)
         return prefix_weighted_sum(p, w).to(x.dtype)
 
