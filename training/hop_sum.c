@@ -28,6 +28,15 @@
  *   dL/dw[s,j]   = sum_k p[s,k,j] Rs[s,k,j] - sum_{t>=s} sum_k gu[t,k] N[t,k,j] / D[t,j]^2
  * With mulw set, gw holds w dL/dw instead: dL/de for weights w = exp(e - a shift that carries no
  * gradient), which saves the caller a pass.
+ *
+ * Online mode (float32; m given): w holds the raw scores e on entry, and each hop's weights are
+ * taken relative to the running maximum of its scores so far, m[t,j] = max_{s<=t} e[s,j], as in an
+ * online softmax: w[s,j] = exp(e[s,j] - m[s,j]), and when m rises the sums so far are scaled down
+ * by exp(old - new). u is a ratio of sums with one reference, so it is unchanged; every weight is
+ * in (0, 1] and every D >= 1 (the step that set the maximum weighs 1), whatever the scores' spread,
+ * so no float64 is needed. Forward overwrites w with the weights and writes m; backward reads
+ * both, with the suffix sums Rs and q scaled by exp(m[s] - m[s+1]) as they pass a rise, and
+ * returns dL/de (mulw set).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -35,10 +44,72 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* exp_f32 (the online mode's weights, tanh below): Cephes' single-precision exp (range reduction by ln 2 in two parts, degree-5
+ * polynomial, scale by 2^n through the exponent bits), relative error ~2e-7, written so that the
+ * compiler vectorises it. Arguments are clamped to [-87, 88], where 2^n is a normal float. */
+INLINE float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* n = round(x / ln 2): adding and subtracting 1.5 * 2^23 rounds to an integer (no floorf, which
+     * is a library call unless traps are off, and would keep the loop scalar) */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    const float y = q * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
 /* One block of NB hops (NB = 16, 8, 4 or 1, a compile-time constant after inlining), hops j0..j0+NB-1,
  * at one time step. The dot products over the gate axis alternate between two accumulators so
  * that the sum over k is two dependency chains, not one. */
 #define BLOCKS(SUFFIX, T_)                                                                          \
+/* Online mode, step t: the running maximum of each hop's scores into mt (from the step before's,  \
+ * mt - R), the sums so far scaled down to it where it rose, and the step's scores et replaced by   \
+ * their weights exp(e - max so far), all in (0, 1]. */                                             \
+INLINE void online_step_##SUFFIX(T_ *et, T_ *mt, int64_t t, T_ *num, T_ *den, int64_t R,            \
+                                 int64_t G) {                                                       \
+    if (t == 0) {                                                                                   \
+        for (int64_t j = 0; j < R; j++) mt[j] = et[j];                                              \
+    } else {                                                                                        \
+        const T_ *mp = mt - R;                                                                      \
+        int rose = 0;                                                                               \
+        _Pragma("omp simd reduction(|:rose)")                                                       \
+        for (int64_t j = 0; j < R; j++) {                                                           \
+            mt[j] = et[j] > mp[j] ? et[j] : mp[j];                                                  \
+            rose |= et[j] > mp[j];                                                                  \
+        }                                                                                           \
+        if (rose)                                                                                   \
+            for (int64_t j = 0; j < R; j++)                                                         \
+                if (mt[j] > mp[j]) {                                                                \
+                    const T_ c = exp_f32(mp[j] - mt[j]);                                            \
+                    den[j] *= c;                                                                    \
+                    for (int64_t k = 0; k < G; k++) num[k * R + j] *= c;                            \
+                }                                                                                   \
+    }                                                                                               \
+    _Pragma("omp simd")                                                                             \
+    for (int64_t j = 0; j < R; j++) et[j] = exp_f32(et[j] - mt[j]);                                 \
+}                                                                                                   \
+                                                                                                    \
+/* Online mode: where a hop's running maximum rose from mt to the next step's (mt + R), scale its   \
+ * G sums (and its q) by exp(mt - next): from that step's reference to this one's. */               \
+INLINE void rescale_##SUFFIX(const T_ *mt, T_ *sums, T_ *q, int64_t R, int64_t G) {                 \
+    const T_ *mn = mt + R;                                                                          \
+    for (int64_t j = 0; j < R; j++)                                                                 \
+        if (mn[j] > mt[j]) {                                                                        \
+            const T_ c = exp_f32(mt[j] - mn[j]);                                                    \
+            for (int64_t k = 0; k < G; k++) sums[k * R + j] *= c;                                   \
+            if (q) q[j] *= c;                                                                       \
+        }                                                                                           \
+}                                                                                                   \
+                                                                                                    \
 INLINE void fwd_block_##SUFFIX(const T_ *pt, const T_ *wt, const T_ *inv, T_ *num,                  \
                                T_ *part, int64_t R, int64_t PH, int64_t G, int64_t j0,              \
                                const int NB) {                                                      \
@@ -122,8 +193,9 @@ INLINE void bwd2_block_##SUFFIX(const T_ *pt, const T_ *wt, const T_ *gt, const 
 
 #define HOP_SUM(SUFFIX, T_)                                                                         \
 BLOCKS(SUFFIX, T_)                                                                                  \
-int icaserve_hop_sum_forward_##SUFFIX(const T_ *p, const T_ *w, T_ *u, T_ *inv_den,                 \
+int icaserve_hop_sum_forward_##SUFFIX(const T_ *p, T_ *w, T_ *u, T_ *inv_den, T_ *m,               \
                                       int64_t B, int64_t T, int64_t R, int64_t PH, int64_t G) {     \
+    if (m && sizeof(T_) != sizeof(float)) return 2;                                                 \
     T_ *num = malloc(sizeof(T_) * G * R), *den = malloc(sizeof(T_) * R);                            \
     T_ *part = malloc(sizeof(T_) * G * 16);                                                         \
     if (!num || !den || !part) { free(num); free(den); free(part); return 1; }                      \
@@ -135,6 +207,7 @@ int icaserve_hop_sum_forward_##SUFFIX(const T_ *p, const T_ *w, T_ *u, T_ *inv_d
             const T_ *wt = w + (b * T + t) * R;                                                     \
             T_ *inv = inv_den + (b * T + t) * R;                                                    \
             T_ *ut = u + (b * T + t) * G;                                                           \
+            if (m) online_step_##SUFFIX(w + (b * T + t) * R, m + (b * T + t) * R, t, num, den, R, G); \
             for (int64_t j = 0; j < R; j++) {                                                       \
                 den[j] += wt[j];                                                                    \
                 inv[j] = 1.0 / den[j];                                                              \
@@ -153,8 +226,9 @@ int icaserve_hop_sum_forward_##SUFFIX(const T_ *p, const T_ *w, T_ *u, T_ *inv_d
 }                                                                                                   \
                                                                                                     \
 int icaserve_hop_sum_backward_##SUFFIX(const T_ *p, const T_ *w, const T_ *inv_den,                 \
-                                       const T_ *gu, T_ *gp, T_ *gw, int mulw,                      \
+                                       const T_ *gu, T_ *gp, T_ *gw, int mulw, const T_ *m,         \
                                        int64_t B, int64_t T, int64_t R, int64_t PH, int64_t G) {    \
+    if (m && sizeof(T_) != sizeof(float)) return 2;                                                 \
     T_ *num = malloc(sizeof(T_) * G * R), *a = malloc(sizeof(T_) * T * R);                          \
     T_ *rs = malloc(sizeof(T_) * G * R), *q = malloc(sizeof(T_) * R);                               \
     T_ *gsum = malloc(sizeof(T_) * G);                                                              \
@@ -169,6 +243,7 @@ int icaserve_hop_sum_backward_##SUFFIX(const T_ *p, const T_ *w, const T_ *inv_d
             const T_ *wt = w + (b * T + t) * R;                                                     \
             const T_ *gt = gu + (b * T + t) * G;                                                    \
             const T_ *inv = inv_den + (b * T + t) * R;                                              \
+            if (m && t > 0) rescale_##SUFFIX(m + (b * T + t - 1) * R, num, NULL, R, G);             \
             EACH_BLOCK(BWD1_##SUFFIX)                                                               \
         }                                                                                           \
         /* backward in time: the suffix sums Rs and q, and the gradients of step t */               \
@@ -182,6 +257,7 @@ int icaserve_hop_sum_backward_##SUFFIX(const T_ *p, const T_ *w, const T_ *inv_d
             T_ *gpt = gp + (b * T + t) * G * PH;                                                    \
             T_ *gwt = gw + (b * T + t) * R;                                                         \
             if (PH == 1) memset(gsum, 0, sizeof(T_) * G);                                           \
+            if (m && t < T - 1) rescale_##SUFFIX(m + (b * T + t) * R, rs, q, R, G);                 \
             EACH_BLOCK(BWD2_##SUFFIX)                                                               \
             if (PH == 1)                                                                            \
                 for (int64_t k = 0; k < G; k++) gpt[k] = gsum[k];                                   \
@@ -201,34 +277,10 @@ int icaserve_hop_sum_backward_##SUFFIX(const T_ *p, const T_ *w, const T_ *inv_d
 HOP_SUM(f32, float)
 HOP_SUM(f64, double)
 
-/* The elementwise steps around the hop sum in float32 (training/hop_sum.py `FoldedICA`): the
- * attention's tanh and its backward, and the prefix weights w = exp(e - max over time), in place.
- * Separate torch ops took ~0.3 ms of the ~11 ms batch-32 call, each a pass with an allocation.
+/* The attention's tanh and its backward in float32, in place (training/hop_sum.py `FoldedICA`):
+ * as torch ops, each was a pass with an allocation.
  *
- * exp_f32: Cephes' single-precision exp (range reduction by ln 2 in two parts, degree-5
- * polynomial, scale by 2^n through the exponent bits), relative error ~2e-7, written so that the
- * compiler vectorises it. Arguments are clamped to [-87, 88], where 2^n is a normal float. */
-INLINE float exp_f32(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    /* n = round(x / ln 2): adding and subtracting 1.5 * 2^23 rounds to an integer (no floorf, which
-     * is a library call unless traps are off, and would keep the loop scalar) */
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float q = 1.9875691500e-4f;
-    q = q * r + 1.3981999507e-3f;
-    q = q * r + 8.3334519073e-3f;
-    q = q * r + 4.1665795894e-2f;
-    q = q * r + 1.6666665459e-1f;
-    q = q * r + 5.0000001201e-1f;
-    const float y = q * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    __builtin_memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
-}
-
-/* a <- tanh(a) = 1 - 2 / (exp(2a) + 1), |a| clamped to 9 (tanh(9) rounds to 1 in float32);
+ * a <- tanh(a) = 1 - 2 / (exp(2a) + 1), |a| clamped to 9 (tanh(9) rounds to 1 in float32);
  * absolute error ~1e-7, as torch's 2 sigmoid(2a) - 1. */
 int icaserve_tanh_f32(float *a, int64_t n) {
     _Pragma("omp simd")
@@ -243,25 +295,5 @@ int icaserve_tanh_f32(float *a, int64_t n) {
 int icaserve_tanh_backward_f32(float *g, const float *h, int64_t n) {
     _Pragma("omp simd")
     for (int64_t i = 0; i < n; i++) g[i] *= 1.0f - h[i] * h[i];
-    return 0;
-}
-
-/* e (B, T, R) <- exp(e - max over t of e), per sequence and hop: the prefix weights, in (0, 1]. */
-int icaserve_shift_exp_f32(float *e, int64_t B, int64_t T, int64_t R) {
-    float *m = malloc(sizeof(float) * R);
-    if (!m) return 1;
-    for (int64_t b = 0; b < B; b++) {
-        float *eb = e + b * T * R;
-        for (int64_t j = 0; j < R; j++) m[j] = eb[j];
-        for (int64_t t = 1; t < T; t++) {
-            _Pragma("omp simd")
-            for (int64_t j = 0; j < R; j++) m[j] = eb[t * R + j] > m[j] ? eb[t * R + j] : m[j];
-        }
-        for (int64_t t = 0; t < T; t++) {
-            _Pragma("omp simd")
-            for (int64_t j = 0; j < R; j++) eb[t * R + j] = exp_f32(eb[t * R + j] - m[j]);
-        }
-    }
-    free(m);
     return 0;
 }

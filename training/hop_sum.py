@@ -13,8 +13,9 @@ running sums in G x r accumulators instead: one pass over time forward, two back
 a few sequences at a time, so each chunk's p (and backward its gradient) goes from the GEMM to
 the kernel (and back) while it is still in cache. Its p is laid out (B, T, G, r), hops innermost,
 so that the rows of the GEMM's weight are W_ih itself, reshaped; `hop_sum` takes that layout too.
-`folded_ica` (what a float32 model calls) adds the attention's weights w = exp(W2 tanh(W1 x) - max)
-in front, one autograd node whose elementwise steps run in C as well.
+`folded_ica` (what a float32 model calls) adds the attention's scores W2 tanh(W1 x) in front, one
+autograd node whose elementwise steps run in C as well, and weighs the steps by an online softmax
+(a running maximum per hop), so it stays in float32 for any score spread.
 
 Where it runs: eager CPU float32/float64 (training, the service's CPU modules, the benchmarks).
 Scripted and traced graphs (TorchScript and ONNX exports) keep the stock ops, so an exported file
@@ -45,12 +46,11 @@ def _library() -> ctypes.CDLL | None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     functions = {}
     for suffix in ("f32", "f64"):
-        functions[f"icaserve_hop_sum_forward_{suffix}"] = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
-        functions[f"icaserve_hop_sum_backward_{suffix}"] = [ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
+        functions[f"icaserve_hop_sum_forward_{suffix}"] = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
+        functions[f"icaserve_hop_sum_backward_{suffix}"] = [ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
                                                             i64, i64, i64, i64, i64]
     functions["icaserve_tanh_f32"] = [ptr, i64]
     functions["icaserve_tanh_backward_f32"] = [ptr, ptr, i64]
-    functions["icaserve_shift_exp_f32"] = [ptr, i64, i64, i64]
     return native.load(SOURCE, "ICA's hop sum (stock torch ops, slower on CPU)", ENV_SWITCH, functions)
 
 
@@ -96,23 +96,32 @@ def _at(t: torch.Tensor, lo: int) -> int:
     return t.data_ptr() + lo * t.stride(0) * t.element_size()
 
 
-def _forward(p: torch.Tensor, w: torch.Tensor, u: torch.Tensor, inv_den: torch.Tensor, lo: int, hi: int) -> None:
-    """The kernel's forward on sequences lo..hi-1 of p (B, T, G, PH), w (B, T, r)."""
+def _forward(p: torch.Tensor, w: torch.Tensor, u: torch.Tensor, inv_den: torch.Tensor,
+             m: torch.Tensor | None, lo: int, hi: int) -> None:
+    """The kernel's forward on sequences lo..hi-1 of p (B, T, G, PH), w (B, T, r). With `m` (the
+    online mode, float32), w holds raw scores, replaced by their weights; m gets the running maxima."""
     _, t, g, ph = p.shape
-    if _kernel("forward", p.dtype)(_at(p, lo), _at(w, lo), _at(u, lo), _at(inv_den, lo),
-                                   hi - lo, t, w.shape[2], ph, g) != 0:
-        raise MemoryError("hop_sum: out of memory")
+    _check(_kernel("forward", p.dtype)(_at(p, lo), _at(w, lo), _at(u, lo), _at(inv_den, lo),
+                                       None if m is None else _at(m, lo), hi - lo, t, w.shape[2], ph, g))
 
 
 def _backward(p: torch.Tensor, w: torch.Tensor, inv_den: torch.Tensor, grad_u: torch.Tensor,
-              grad_p: torch.Tensor, grad_w: torch.Tensor, lo: int, hi: int, times_w: bool) -> None:
+              grad_p: torch.Tensor, grad_w: torch.Tensor, m: torch.Tensor | None, lo: int, hi: int,
+              times_w: bool) -> None:
     """The kernel's backward on sequences lo..hi-1; grad_p holds just those (from its start).
-    With `times_w`, grad_w gets w * dL/dw (= dL/de for w = exp(e - shift))."""
+    With `times_w`, grad_w gets w * dL/dw (= dL/de for w = exp(e - shift)); `m` as forward's."""
     _, t, g, ph = p.shape
-    if _kernel("backward", p.dtype)(_at(p, lo), _at(w, lo), _at(inv_den, lo), _at(grad_u, lo),
-                                    grad_p.data_ptr(), _at(grad_w, lo), int(times_w), hi - lo, t,
-                                    w.shape[2], ph, g) != 0:
+    _check(_kernel("backward", p.dtype)(_at(p, lo), _at(w, lo), _at(inv_den, lo), _at(grad_u, lo),
+                                        grad_p.data_ptr(), _at(grad_w, lo), int(times_w),
+                                        None if m is None else _at(m, lo), hi - lo, t, w.shape[2], ph, g))
+
+
+def _check(status: int) -> None:
+    """The kernel's status: 0 done, 1 out of memory, 2 the online mode asked of float64."""
+    if status == 1:
         raise MemoryError("hop_sum: out of memory")
+    if status:
+        raise ValueError("hop_sum: the online mode is float32 only")
 
 
 #: Bytes of projections per chunk of `FoldedGates`: the chunk's p is written by the GEMM and read
@@ -122,9 +131,11 @@ def _backward(p: torch.Tensor, w: torch.Tensor, inv_den: torch.Tensor, grad_u: t
 CHUNK_BYTES = 1 << 20
 
 
-def _gates_forward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int):  # noqa: ANN202
+def _gates_forward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int,
+                   m: torch.Tensor | None = None):  # noqa: ANN202
     """u (B, T, G) = hop_sum(x @ rows.T viewed as (B, T, G, PH), w), chunk by chunk; returns u and
-    what backward reads again (the projections p and 1 / the prefix sums of w)."""
+    what backward reads again (the projections p and 1 / the prefix sums of w). With `m`, the
+    kernel's online mode (`_forward`)."""
     b, t, n = x.shape
     g = rows.shape[0] // ph
     p = x.new_empty(b, t, g, ph)
@@ -135,13 +146,13 @@ def _gates_forward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int
     for lo in range(0, b, chunk):
         hi = min(b, lo + chunk)
         torch.mm(_steps(x_rows, lo, hi, t), weights, out=_steps(p_rows, lo, hi, t))
-        _forward(p, w, u, inv_den, lo, hi)
+        _forward(p, w, u, inv_den, m, lo, hi)
     return u, p, inv_den
 
 
 def _gates_backward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, p: torch.Tensor,
                     inv_den: torch.Tensor, grad_u: torch.Tensor, want_x: bool, want_rows: bool,
-                    times_w: bool):  # noqa: ANN202
+                    times_w: bool, m: torch.Tensor | None = None):  # noqa: ANN202
     """The gradients of x (or None), rows (or None) and w (times w with `times_w`), chunk by chunk:
     each chunk's dL/dp goes from the kernel to the GEMMs while it is in cache."""
     grad_u = grad_u.contiguous()
@@ -157,7 +168,7 @@ def _gates_backward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, p: tor
     for lo in range(0, b, chunk):
         hi = min(b, lo + chunk)
         gp = _steps(grad_p, 0, hi - lo, t)
-        _backward(p, w, inv_den, grad_u, gp, grad_w, lo, hi, times_w)
+        _backward(p, w, inv_den, grad_u, gp, grad_w, m, lo, hi, times_w)
         if want_x:
             torch.mm(gp, rows, out=_steps(grad_x_rows, lo, hi, t))
         if want_rows:
@@ -189,14 +200,13 @@ class FoldedGates(torch.autograd.Function):
 
 
 class FoldedICA(torch.autograd.Function):
-    """ICA's gate inputs in float32 from x and the weights, as one node: the attention's prefix
-    weights w = exp(W2 tanh(W1 x) - max over time), then `FoldedGates`' chunked projection and hop
-    sum. One node lets the elementwise steps run in place in C (tanh, the shift and exp, tanh's
-    backward), the kernel hand back dL/de = w dL/dw directly, and the score path's input-gradient
-    be added into the projection's in place: ~0.2 ms less than the two nodes at the shipped shape,
-    batch 32 (BENCHMARKS.md). The values are those of `ica.InputCellAttention._prefix_weights` and
-    `FoldedGates` (tests/test_hop_sum.py). Only where the prefix sums run in float32 (the float64
-    fallback for wide score spreads takes the two nodes)."""
+    """ICA's gate inputs in float32 from x and the weights, as one node: the attention's scores
+    e = W2 tanh(W1 x), then `FoldedGates`' chunked projection and hop sum with the kernel's online
+    mode, which weighs each step by exp(e - the running maximum so far) (hop_sum.c): float32 for
+    any score spread, where the stock ops need float64 past a spread of 60 (training/ica.py). One
+    node also lets tanh and its backward run in place in C, the kernel hand back dL/de directly,
+    and the score path's input-gradient be added into the projection's in place. The values are
+    those of the stock ops (tests/test_hop_sum.py)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor,  # noqa: ANN001
@@ -206,20 +216,19 @@ class FoldedICA(torch.autograd.Function):
         lib = _library()
         h = torch.mm(x.view(b * t, n), w1.t())
         lib.icaserve_tanh_f32(h.data_ptr(), h.numel())
-        w = torch.mm(h, w2.t()).view(b, t, -1)
-        if lib.icaserve_shift_exp_f32(w.data_ptr(), b, t, w.shape[2]) != 0:
-            raise MemoryError("hop_sum: out of memory")
-        u, p, inv_den = _gates_forward(x, rows, w, ph)
-        ctx.save_for_backward(x, w1, w2, rows, h, w, p, inv_den)
+        w = torch.mm(h, w2.t()).view(b, t, -1)  # the scores; the kernel turns them into weights
+        m = torch.empty_like(w)
+        u, p, inv_den = _gates_forward(x, rows, w, ph, m)
+        ctx.save_for_backward(x, w1, w2, rows, h, w, p, inv_den, m)
         return u
 
     @staticmethod
     def backward(ctx, grad_u: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
-        x, w1, w2, rows, h, w, p, inv_den = ctx.saved_tensors
+        x, w1, w2, rows, h, w, p, inv_den, m = ctx.saved_tensors
         b, t, n = x.shape
         want_x = ctx.needs_input_grad[0]
         grad_x, grad_rows, grad_e = _gates_backward(x, rows, w, p, inv_den, grad_u, want_x, wanted(ctx, 3),
-                                                    times_w=True)
+                                                    times_w=True, m=m)
         de = grad_e.view(b * t, -1)
         grad_w1 = grad_w2 = None
         if wanted(ctx, 2):
@@ -273,7 +282,7 @@ def hop_sum(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def folded_ica(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor, ph: int) -> torch.Tensor:
     """The gate inputs u (B, T, G) from float32 inputs x (B, T, N), the attention's W1 and W2 and the
     input weights ordered (gate, hop) `rows` (G*PH, N), all in one node (`FoldedICA`; callers check
-    `applies(x, x)` and that the prefix sums run in float32)."""
+    `applies(x, x)`)."""
     return FoldedICA.apply(x, w1, w2, rows, ph)
 
 

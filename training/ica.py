@@ -15,6 +15,9 @@ exp(-2 max_j |W2_j|_1). While that bound stays above float32's comfortable range
 the prefix sums run in the input's dtype; past it (large trained W2) they run in float64, which
 keeps every denominator far from underflow even for T in the thousands. The switch depends on
 the weights only, never on the data, so an exported graph takes the right branch for its weights.
+Eager float32 models on a CPU need neither: their fused kernel (training/hop_sum.py `FoldedICA`)
+weighs each step by exp(e_s - the running maximum of e so far), an online softmax, which keeps every
+weight in (0, 1] and every denominator >= 1 for any spread.
 """
 
 from __future__ import annotations
@@ -200,8 +203,7 @@ class InputCellAttention(nn.Module):
         else:
             rows, ph = w_ih / self.r, 1
         if not torch.jit.is_scripting():  # eager CPU: fused (training/hop_sum.py)
-            if (x.dtype == torch.float32 and hop_sum.applies(x, x) and rows.dtype == x.dtype
-                    and self.w1.weight.dtype == x.dtype and not self._wide(x)):
+            if x.dtype == torch.float32 and hop_sum.applies(x, x) and rows.dtype == self.w1.weight.dtype == x.dtype:
                 return hop_sum.folded_ica(x, self.w1.weight, self.w2.weight, rows, ph)
             w = self._prefix_weights(x)
             if hop_sum.applies(x, w):
