@@ -433,3 +433,22 @@ def test_wide_scores_stay_float32_in_the_online_kernel_and_agree(variant, t):
         assert torch.isfinite(a).all()
         scale = float(b.detach().abs().max().clamp(min=1))
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_path_computes_the_attention_weights_once(monkeypatch, dtype):
+    """The fused float32 node computes its own weights; every other path (float64 sums, stock ops)
+    computes them once."""
+    from training import ica
+
+    enc = ica.InputCellAttention(40, r=4, d_a=6).to(dtype)
+    w_ih = torch.randn(8, 160, dtype=dtype)
+    x = torch.randn(2, 10, 40, dtype=dtype)
+    calls = []
+    original = ica.InputCellAttention._prefix_weights
+    monkeypatch.setattr(ica.InputCellAttention, "_prefix_weights", lambda self, z: calls.append(1) or original(self, z))
+    enc.gate_inputs(x, w_ih)
+    assert len(calls) == (0 if dtype == torch.float32 else 1)
+    with hop_sum.use_stock_ops():
+        enc.gate_inputs(x, w_ih)
+    assert len(calls) == (1 if dtype == torch.float32 else 2)

@@ -44,9 +44,10 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* exp_f32 (the online mode's weights, tanh below): Cephes' single-precision exp (range reduction by ln 2 in two parts, degree-5
- * polynomial, scale by 2^n through the exponent bits), relative error ~2e-7, written so that the
- * compiler vectorises it. Arguments are clamped to [-87, 88], where 2^n is a normal float. */
+/* exp_f32 (the online mode's weights, tanh below): Cephes' single-precision exp (range reduction
+ * by ln 2 in two parts, degree-5 polynomial, scale by 2^n through the exponent bits), relative
+ * error ~2e-7, written so that the compiler vectorises it. Arguments are clamped to [-87, 88],
+ * where 2^n is a normal float. */
 INLINE float exp_f32(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     /* n = round(x / ln 2): adding and subtracting 1.5 * 2^23 rounds to an integer (no floorf, which
@@ -67,9 +68,9 @@ INLINE float exp_f32(float x) {
     return y * scale;
 }
 
-/* One block of NB hops (NB = 16, 8, 4 or 1, a compile-time constant after inlining), hops j0..j0+NB-1,
- * at one time step. The dot products over the gate axis alternate between two accumulators so
- * that the sum over k is two dependency chains, not one. */
+/* Per step: the online mode's bookkeeping, then one block of NB hops at a time (NB = 16, 8, 4 or
+ * 1, a compile-time constant after inlining), hops j0..j0+NB-1. The dot products over the gate
+ * axis alternate between two accumulators so that the sum over k is two dependency chains. */
 #define BLOCKS(SUFFIX, T_)                                                                          \
 /* Online mode, step t: the running maximum of each hop's scores into mt (from the step before's,  \
  * mt - R), the sums so far scaled down to it where it rose, and the step's scores et replaced by   \

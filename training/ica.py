@@ -202,13 +202,13 @@ class InputCellAttention(nn.Module):
             rows, ph = w_ih.reshape(g * self.r, self.n_features), self.r
         else:
             rows, ph = w_ih / self.r, 1
-        if not torch.jit.is_scripting():  # eager CPU: fused (training/hop_sum.py)
+        if not torch.jit.is_scripting():  # eager CPU float32: one fused node (training/hop_sum.py)
             if x.dtype == torch.float32 and hop_sum.applies(x, x) and rows.dtype == self.w1.weight.dtype == x.dtype:
                 return hop_sum.folded_ica(x, self.w1.weight, self.w2.weight, rows, ph)
-            w = self._prefix_weights(x)
+        w = self._prefix_weights(x)
+        if not torch.jit.is_scripting():  # eager CPU, float64 sums: projection and hop sum fused
             if hop_sum.applies(x, w):
                 return hop_sum.folded_gates(x, rows, w, ph).to(x.dtype)
-        w = self._prefix_weights(x)
         p = torch.matmul(x, rows.t()).reshape(x.shape[0], x.shape[1], g, ph).to(w.dtype)
         return prefix_weighted_sum(p, w).to(x.dtype)
 
