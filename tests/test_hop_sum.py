@@ -3,6 +3,7 @@ replaces, forward and backward, in every place it runs; absent from exported gra
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -452,3 +453,66 @@ def test_each_path_computes_the_attention_weights_once(monkeypatch, dtype):
     with hop_sum.use_stock_ops():
         enc.gate_inputs(x, w_ih)
     assert len(calls) == (1 if dtype == torch.float32 else 2)
+
+
+@pytest.mark.parametrize("variant", ["matrix", "mean"])
+def test_second_derivatives_equal_the_stock_ops(variant):
+    """The fused backward passes are first-order; asked for a graph (create_graph) they
+    differentiate the stock ops rebuilt on the saved inputs, so a Hessian-vector product in x and
+    a gradient penalty's weight gradients are those of the stock ops (float32: `FoldedICA`;
+    float64: `_PrefixWeights` and `FoldedGates`), not silently missing terms."""
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-9)):
+        model = _model(variant).to(dtype)
+        x0 = torch.randn(2, 10, 40, dtype=dtype)
+        v = torch.randn(2, 10, 40, dtype=dtype)
+        results = []
+        for stock in (False, True):
+            model.zero_grad()
+            x = x0.clone().requires_grad_(True)
+            with (hop_sum.use_stock_ops() if stock else contextlib.nullcontext()):
+                (g,) = torch.autograd.grad(model(x)[:, 0].sum(), x, create_graph=True)
+                (hvp,) = torch.autograd.grad((g * v).sum(), x, retain_graph=True)
+                (g * g).sum().backward()
+            results.append([hvp, model.encoder.w1.weight.grad.clone(), model.rnn.weight_ih_l0.grad.clone()])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp(min=1)))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "stock"])
+def test_an_empty_batch_gives_empty_gate_inputs(fused):
+    from training import ica
+
+    enc = ica.InputCellAttention(12, r=3, d_a=5)
+    w_ih = torch.randn(4, 36, requires_grad=True)
+    x = torch.randn(0, 5, 12, requires_grad=True)
+    if fused:
+        u = enc.gate_inputs(x, w_ih)
+    else:
+        with hop_sum.use_stock_ops():
+            u = enc.gate_inputs(x, w_ih)
+    u.sum().backward()
+    assert u.shape == (0, 5, 4) and x.grad.shape == x.shape
+
+
+def test_autocast_takes_the_stock_ops():
+    """Under CPU autocast the GEMMs return bfloat16, which the float32 kernel must never see: the
+    stock ops run, with the same answers as stock ops under autocast. In a subprocess, since a
+    regression here is a heap overwrite, not an exception."""
+    code = (
+        "import torch\n"
+        "from training import hop_sum, ica\n"
+        "torch.manual_seed(0)\n"
+        "enc = ica.InputCellAttention(12, r=3, d_a=50)\n"
+        "x, w_ih = torch.randn(2, 5, 12, requires_grad=True), torch.randn(4, 36)\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    assert not hop_sum.applies(x, x)\n"
+        "    got = enc.gate_inputs(x, w_ih)\n"
+        "    with hop_sum.use_stock_ops():\n"
+        "        want = enc.gate_inputs(x, w_ih)\n"
+        "(g1,) = torch.autograd.grad(got.float().sum(), x)\n"
+        "(g2,) = torch.autograd.grad(want.float().sum(), x)\n"
+        "assert torch.equal(got, want) and torch.equal(g1, g2)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

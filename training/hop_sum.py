@@ -76,10 +76,11 @@ def use_stock_ops() -> Iterator[None]:
 def applies(v: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `hop_sum(v, w)` or `folded_gates(v, ..., w, ...)` would run the fused kernel for
     these tensors: eager (neither scripting nor tracing), CPU, float32 or float64 (v is cast to w's
-    dtype), and the kernel available."""
+    dtype), no autocast (its GEMMs would hand the kernel bfloat16), and the kernel available."""
     floats = (torch.float32, torch.float64)
     return (not torch.jit.is_tracing() and v.device.type == "cpu" and w.device.type == "cpu"
-            and v.dtype in floats and w.dtype in floats and available())
+            and v.dtype in floats and w.dtype in floats and not torch.is_autocast_enabled("cpu")
+            and available())
 
 
 def _suffix(dtype: torch.dtype) -> str:
@@ -186,16 +187,18 @@ class FoldedGates(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int) -> torch.Tensor:  # noqa: ANN001
-        x, w = x.contiguous(), w.contiguous()
-        u, p, inv_den = _gates_forward(x, rows, w, ph)
+        u, p, inv_den = _gates_forward(x.contiguous(), rows, w.contiguous(), ph)
         ctx.save_for_backward(x, rows, w, p, inv_den)
+        ctx.ph = ph
         return u
 
     @staticmethod
     def backward(ctx, grad_u: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
         x, rows, w, p, inv_den = ctx.saved_tensors
-        grad_x, grad_rows, grad_w = _gates_backward(x, rows, w, p, inv_den, grad_u, ctx.needs_input_grad[0],
-                                                    wanted(ctx, 1), times_w=False)
+        if torch.is_grad_enabled():  # create_graph: differentiate the stock ops (second derivatives)
+            return (*stock_gradients(ctx, lambda *a: _stock_gates(*a, ctx.ph), (x, rows, w), grad_u), None)
+        grad_x, grad_rows, grad_w = _gates_backward(x.contiguous(), rows, w.contiguous(), p, inv_den, grad_u,
+                                                    ctx.needs_input_grad[0], wanted(ctx, 1), times_w=False)
         return grad_x, grad_rows, (grad_w if ctx.needs_input_grad[2] else None), None
 
 
@@ -209,27 +212,33 @@ class FoldedICA(torch.autograd.Function):
     those of the stock ops (tests/test_hop_sum.py)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor,  # noqa: ANN001
+    def forward(ctx, x_in: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor,  # noqa: ANN001
                 ph: int) -> torch.Tensor:
-        x = x.contiguous()
+        x = x_in.contiguous()
         b, t, n = x.shape
         lib = _library()
         h = torch.mm(x.view(b * t, n), w1.t())
+        if h.dtype != torch.float32 or rows.dtype != torch.float32:  # never hand the C code other bytes
+            raise TypeError(f"FoldedICA runs in float32 only, got {h.dtype} activations, {rows.dtype} rows")
         lib.icaserve_tanh_f32(h.data_ptr(), h.numel())
-        w = torch.mm(h, w2.t()).view(b, t, -1)  # the scores; the kernel turns them into weights
+        w = torch.mm(h, w2.t()).view(b, t, w2.shape[0])  # the scores; the kernel turns them into weights
         m = torch.empty_like(w)
         u, p, inv_den = _gates_forward(x, rows, w, ph, m)
-        ctx.save_for_backward(x, w1, w2, rows, h, w, p, inv_den, m)
+        ctx.save_for_backward(x_in, w1, w2, rows, h, w, p, inv_den, m)
+        ctx.ph = ph
         return u
 
     @staticmethod
     def backward(ctx, grad_u: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
         x, w1, w2, rows, h, w, p, inv_den, m = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the stock ops (second derivatives)
+            return (*stock_gradients(ctx, lambda *a: _stock_ica(*a, ctx.ph), (x, w1, w2, rows), grad_u), None)
+        x = x.contiguous()
         b, t, n = x.shape
         want_x = ctx.needs_input_grad[0]
         grad_x, grad_rows, grad_e = _gates_backward(x, rows, w, p, inv_den, grad_u, want_x, wanted(ctx, 3),
                                                     times_w=True, m=m)
-        de = grad_e.view(b * t, -1)
+        de = grad_e.view(b * t, grad_e.shape[2])
         grad_w1 = grad_w2 = None
         if wanted(ctx, 2):
             grad_w2 = torch.mm(de.t(), h)
@@ -240,6 +249,40 @@ class FoldedICA(torch.autograd.Function):
         if want_x:
             grad_x.view(b * t, n).addmm_(da, w1)
         return grad_x, grad_w1, grad_w2, grad_rows, None
+
+
+def stock_gradients(ctx, stock, inputs: tuple, grad_out: torch.Tensor) -> list:  # noqa: ANN001
+    """The gradients a hand-written backward would return, from the stock ops' graph rebuilt on the
+    saved inputs and differentiated with create_graph: used when autograd asks for a graph (a
+    second derivative), which the fused passes do not have. Slow, and only then."""
+    with torch.enable_grad():
+        # aliases, so that each gradient is this node's own: an input whose history leads to
+        # another input (w = weights(x)) would otherwise add that path here and again upstream
+        aliases = [t.view_as(t) if t.requires_grad else t for t in inputs]
+        out = stock(*aliases)
+    need = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t.requires_grad]
+    grads = torch.autograd.grad(out, [aliases[i] for i in need], grad_out, create_graph=True, allow_unused=True)
+    result: list = [None] * len(inputs)
+    for i, g in zip(need, grads):
+        result[i] = g
+    return result
+
+
+def _stock_gates(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int) -> torch.Tensor:
+    """`FoldedGates` on stock ops."""
+    from training.ica import prefix_weighted_sum  # ica imports this module
+
+    b, t, _ = x.shape
+    return prefix_weighted_sum(torch.matmul(x, rows.t()).view(b, t, rows.shape[0] // ph, ph), w)
+
+
+def _stock_ica(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor, ph: int) -> torch.Tensor:
+    """`FoldedICA` on stock ops, with their float64 sums past the float32-safe score spread."""
+    from training.ica import FLOAT32_SAFE_SPREAD, stock_prefix_weights
+
+    wide = 2.0 * float(w2.detach().abs().sum(dim=1).max()) > FLOAT32_SAFE_SPREAD
+    w = stock_prefix_weights(x, w1, w2, wide)
+    return _stock_gates(x.to(w.dtype), rows.to(w.dtype), w, ph).to(x.dtype)
 
 
 def wanted(ctx, i: int) -> bool:  # noqa: ANN001

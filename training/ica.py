@@ -70,22 +70,26 @@ class _PrefixWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, wide: bool) -> torch.Tensor:  # noqa: ANN001
         b, t, n = x.shape
-        xs = x.reshape(b * t, n)
-        h = torch.mm(xs, w1.t())
+        h = torch.mm(x.reshape(b * t, n), w1.t())
         if h.numel() >= _SIGMOID_TANH_MIN:
             h = torch.sigmoid_(h.mul_(2.0)).mul_(2.0).sub_(1.0)
         else:
             h = torch.tanh_(h)
-        z = torch.mm(h, w2.t()).view(b, t, -1)
+        z = torch.mm(h, w2.t()).view(b, t, w2.shape[0])
         z = z.sub_(z.max(dim=1, keepdim=True)[0])
         w = torch.exp_(z.double()) if wide else torch.exp_(z)
-        ctx.save_for_backward(xs, w1, w2, h, w)
+        ctx.save_for_backward(x, w1, w2, h, w)
+        ctx.wide = wide
         return w
 
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
-        xs, w1, w2, h, w = ctx.saved_tensors
+        x, w1, w2, h, w = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the stock ops (second derivatives)
+            return (*hop_sum.stock_gradients(ctx, lambda *a: stock_prefix_weights(*a, ctx.wide), (x, w1, w2),
+                                             grad_w), None)
         b, t, r = w.shape
+        xs = x.reshape(b * t, x.shape[2])
         de = (grad_w * w).to(h.dtype).view(b * t, r)  # the shift carries no gradient
         grad_x = grad_w1 = grad_w2 = None
         if ctx.needs_input_grad[2] and hop_sum.wanted(ctx, 2):
@@ -94,8 +98,16 @@ class _PrefixWeights(torch.autograd.Function):
         if ctx.needs_input_grad[1] and hop_sum.wanted(ctx, 1):
             grad_w1 = torch.mm(da.t(), xs)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(da, w1).view(b, t, -1)
+            grad_x = torch.mm(da, w1).view(b, t, w1.shape[1])
         return grad_x, grad_w1, grad_w2, None
+
+
+def stock_prefix_weights(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, wide: bool) -> torch.Tensor:
+    """`_PrefixWeights` on stock autograd ops: what the hand-written and fused backward passes
+    differentiate instead when asked for a graph (create_graph), so second derivatives are right."""
+    e = torch.matmul(torch.tanh(torch.matmul(x, w1.t())), w2.t())
+    z = e - e.detach().amax(dim=1, keepdim=True)
+    return torch.exp(z.double() if wide else z)
 
 
 def prefix_weighted_sum(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -149,8 +161,9 @@ class InputCellAttention(nn.Module):
         """exp(e_s - max_s e_s), shape (B, T, r), in (0, 1], in the dtype the prefix sums run in:
         the input's, or float64 past the safe score spread (module docstring)."""
         wide = self._wide(x)
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing() and x.device.type == "cpu":
-            return _PrefixWeights.apply(x, self.w1.weight, self.w2.weight, wide)
+        if not torch.jit.is_scripting():  # eager CPU, fused path on: by hand (`_PrefixWeights`)
+            if hop_sum.applies(x, x) and x.dtype == self.w1.weight.dtype:
+                return _PrefixWeights.apply(x, self.w1.weight, self.w2.weight, wide)
         e = self.scores(x)
         # Softmax is shift-invariant, so the shift carries no gradient. (max over a middle axis:
         # `amax` took 2.6x as long on CPU for the same values; exports keep it.)
