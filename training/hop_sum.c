@@ -13,8 +13,9 @@
  * Sums run in the tensors' own dtype. In float32 that is what torch's CUDA cumsum does, and it was
  * measured as accurate as the stock ops in float32 (largest error / largest value, u and both
  * gradients, 1e-7 to 4e-7 at T = 100, 1000 and 5000); summing float32 in double instead cost
- * ~0.5 ms of the ~11 ms forward + input-gradient at batch 32 (tests/test_hop_sum.py). Wide score
- * spreads never reach it: their weights are float64 (training/ica.py).
+ * ~0.5 ms of the ~11 ms forward + input-gradient at batch 32 (tests/test_hop_sum.py). Float32
+ * weights past the float32-safe score spread (training/ica.py) come in the online mode below;
+ * the float64 instance serves float64 weights.
  *
  * Hops are the innermost axis, taken in blocks of 16 (float32), then 8, 4, one by one: within a block
  * every per-hop quantity is a fixed-length vector the compiler keeps in registers, so each update
@@ -72,43 +73,30 @@ INLINE float exp_f32(float x) {
  * 1, a compile-time constant after inlining), hops j0..j0+NB-1. The dot products over the gate
  * axis alternate between two accumulators so that the sum over k is two dependency chains. */
 #define BLOCKS(SUFFIX, T_)                                                                          \
-/* Online mode, step t: the running maximum of each hop's scores into mt (from the step before's,  \
- * mt - R), the sums so far scaled down to it where it rose, and the step's scores et replaced by   \
- * their weights exp(e - max so far), all in (0, 1]. */                                             \
-INLINE void online_step_##SUFFIX(T_ *et, T_ *mt, int64_t t, T_ *num, T_ *den, int64_t R,            \
-                                 int64_t G) {                                                       \
-    if (t == 0) {                                                                                   \
-        for (int64_t j = 0; j < R; j++) mt[j] = et[j];                                              \
-    } else {                                                                                        \
-        const T_ *mp = mt - R;                                                                      \
-        int rose = 0;                                                                               \
-        _Pragma("omp simd reduction(|:rose)")                                                       \
-        for (int64_t j = 0; j < R; j++) {                                                           \
-            mt[j] = et[j] > mp[j] ? et[j] : mp[j];                                                  \
-            rose |= et[j] > mp[j];                                                                  \
-        }                                                                                           \
-        if (rose)                                                                                   \
-            for (int64_t j = 0; j < R; j++)                                                         \
-                if (mt[j] > mp[j]) {                                                                \
-                    const T_ c = exp_f32(mp[j] - mt[j]);                                            \
-                    den[j] *= c;                                                                    \
-                    for (int64_t k = 0; k < G; k++) num[k * R + j] *= c;                            \
-                }                                                                                   \
-    }                                                                                               \
-    _Pragma("omp simd")                                                                             \
-    for (int64_t j = 0; j < R; j++) et[j] = exp_f32(et[j] - mt[j]);                                 \
-}                                                                                                   \
-                                                                                                    \
 /* Online mode: where a hop's running maximum rose from mt to the next step's (mt + R), scale its   \
- * G sums (and its q) by exp(mt - next): from that step's reference to this one's. */               \
-INLINE void rescale_##SUFFIX(const T_ *mt, T_ *sums, T_ *q, int64_t R, int64_t G) {                 \
+ * G sums (and its per-hop sum: D forward, q backward) by exp(mt - next), between the two steps'    \
+ * references: forward from the earlier one down to the later, backward the other way. */           \
+INLINE void rescale_##SUFFIX(const T_ *mt, T_ *sums, T_ *hop, int64_t R, int64_t G) {               \
     const T_ *mn = mt + R;                                                                          \
     for (int64_t j = 0; j < R; j++)                                                                 \
         if (mn[j] > mt[j]) {                                                                        \
             const T_ c = exp_f32(mt[j] - mn[j]);                                                    \
             for (int64_t k = 0; k < G; k++) sums[k * R + j] *= c;                                   \
-            if (q) q[j] *= c;                                                                       \
+            if (hop) hop[j] *= c;                                                                   \
         }                                                                                           \
+}                                                                                                   \
+                                                                                                    \
+/* Online mode, step t: the running maximum of each hop's scores into mt (from the step before's,  \
+ * mt - R), the sums so far scaled down to it where it rose, and the step's scores et replaced by   \
+ * their weights exp(e - max so far), all in (0, 1]. */                                             \
+INLINE void online_step_##SUFFIX(T_ *et, T_ *mt, int64_t t, T_ *num, T_ *den, int64_t R,            \
+                                 int64_t G) {                                                       \
+    const T_ *mp = t > 0 ? mt - R : mt;  /* t == 0: the scores themselves (never read) */           \
+    _Pragma("omp simd")                                                                             \
+    for (int64_t j = 0; j < R; j++) mt[j] = t == 0 || et[j] > mp[j] ? et[j] : mp[j];                \
+    if (t > 0) rescale_##SUFFIX(mp, num, den, R, G);                                                \
+    _Pragma("omp simd")                                                                             \
+    for (int64_t j = 0; j < R; j++) et[j] = exp_f32(et[j] - mt[j]);                                 \
 }                                                                                                   \
                                                                                                     \
 INLINE void fwd_block_##SUFFIX(const T_ *pt, const T_ *wt, const T_ *inv, T_ *num,                  \
@@ -178,7 +166,7 @@ INLINE void bwd2_block_##SUFFIX(const T_ *pt, const T_ *wt, const T_ *gt, const 
             }                                                                                       \
         }                                                                                           \
     }                                                                                               \
-    for (int i = 0; i < NB; i++) gwt[j0 + i] = (d0[i] + d1[i] - q[j0 + i]) * (mulw ? wv[i] : 1);                           \
+    for (int i = 0; i < NB; i++) gwt[j0 + i] = (d0[i] + d1[i] - q[j0 + i]) * (mulw ? wv[i] : 1);   \
 }
 
 /* Hops in blocks of 16 (a float32 vector register; `num` has the sums' type), then 8, then one
@@ -205,10 +193,10 @@ int icaserve_hop_sum_forward_##SUFFIX(const T_ *p, T_ *w, T_ *u, T_ *inv_den, T_
         memset(den, 0, sizeof(T_) * R);                                                             \
         for (int64_t t = 0; t < T; t++) {                                                           \
             const T_ *pt = p + (b * T + t) * G * PH;                                                \
-            const T_ *wt = w + (b * T + t) * R;                                                     \
+            T_ *wt = w + (b * T + t) * R;                                                           \
             T_ *inv = inv_den + (b * T + t) * R;                                                    \
             T_ *ut = u + (b * T + t) * G;                                                           \
-            if (m) online_step_##SUFFIX(w + (b * T + t) * R, m + (b * T + t) * R, t, num, den, R, G); \
+            if (m) online_step_##SUFFIX(wt, m + (b * T + t) * R, t, num, den, R, G);                \
             for (int64_t j = 0; j < R; j++) {                                                       \
                 den[j] += wt[j];                                                                    \
                 inv[j] = 1.0 / den[j];                                                              \

@@ -278,10 +278,9 @@ def _stock_gates(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int) 
 
 def _stock_ica(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor, ph: int) -> torch.Tensor:
     """`FoldedICA` on stock ops, with their float64 sums past the float32-safe score spread."""
-    from training.ica import FLOAT32_SAFE_SPREAD, stock_prefix_weights
+    from training.ica import FLOAT32_SAFE_SPREAD, score_spread_bound, stock_prefix_weights
 
-    wide = 2.0 * float(w2.detach().abs().sum(dim=1).max()) > FLOAT32_SAFE_SPREAD
-    w = stock_prefix_weights(x, w1, w2, wide)
+    w = stock_prefix_weights(x, w1, w2, score_spread_bound(w2) > FLOAT32_SAFE_SPREAD)
     return _stock_gates(x.to(w.dtype), rows.to(w.dtype), w, ph).to(x.dtype)
 
 

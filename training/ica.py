@@ -102,6 +102,11 @@ class _PrefixWeights(torch.autograd.Function):
         return grad_x, grad_w1, grad_w2, None
 
 
+def score_spread_bound(w2: torch.Tensor) -> float:
+    """Upper bound of max_s e_s - min_s e_s for any input, given W2: 2 max_j |W2_j|_1 (|tanh| <= 1)."""
+    return 2.0 * w2.detach().abs().sum(dim=1).max().item()
+
+
 def stock_prefix_weights(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, wide: bool) -> torch.Tensor:
     """`_PrefixWeights` on stock autograd ops: what the hand-written and fused backward passes
     differentiate instead when asked for a graph (create_graph), so second derivatives are right."""
@@ -180,8 +185,8 @@ class InputCellAttention(nn.Module):
         return x.dtype != torch.float64 and self.score_spread_bound() > self.float32_safe_spread
 
     def score_spread_bound(self) -> float:
-        """Upper bound of max_s e_s - min_s e_s for any input: 2 max_j |W2_j|_1 (|tanh| <= 1)."""
-        return 2.0 * self.w2.weight.detach().abs().sum(dim=1).max().item()
+        """Upper bound of max_s e_s - min_s e_s for any input (`score_spread_bound`)."""
+        return score_spread_bound(self.w2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.embed(x)
