@@ -23,6 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not hop_sum.available(), reason="no C compiler: the stock ops run")
 
 
+@pytest.fixture(params=["vectorised", "portable"])
+def kernel_path(request):
+    """The float32 matrix variant on the kernel's AVX-512 path (where this machine has it) and on its
+    portable loops: the tests that take this fixture hold for both."""
+    if request.param == "vectorised":
+        if not hop_sum.vectorised():
+            pytest.skip("the kernel was built without AVX-512")
+        yield
+    else:
+        with hop_sum.portable_loops():
+            assert not hop_sum.vectorised()
+            yield
+
+
 def _pair(b: int, t: int, ph: int, r: int, g: int, dtype: torch.dtype, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     p = torch.randn(b, t, g, ph, generator=gen, dtype=dtype).requires_grad_(True)
@@ -33,7 +47,7 @@ def _pair(b: int, t: int, ph: int, r: int, g: int, dtype: torch.dtype, seed: int
 @pytest.mark.parametrize("ph", ["per hop", "shared"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("t", [1, 2, 37])
-def test_fused_equals_the_stock_ops_forward_and_backward(ph, dtype, t):
+def test_fused_equals_the_stock_ops_forward_and_backward(ph, dtype, t, kernel_path):
     """Against the stock ops in float64 on the same values: 1e-12 in float64. In float32 (the kernel
     sums in float32, as torch's CUDA cumsum does), 1e-5 of each result's scale or twice the error
     of the stock ops in float32, whichever is larger: some gradients are differences of near-equal
@@ -62,7 +76,7 @@ def test_gradcheck(ph):
     assert torch.autograd.gradcheck(hop_sum.hop_sum, (p, w))
 
 
-def test_weights_spanning_float32s_range_stay_exact():
+def test_weights_spanning_float32s_range_stay_exact(kernel_path):
     """Weights exp(z) from 1 down to e^-60 (the float32 safe spread, training/ica.py): the float32
     running sums keep early steps' tiny weights (float32's smallest normal is ~1e-38)."""
     p, _ = _pair(2, 50, 5, 5, 3, torch.float32)
@@ -92,6 +106,41 @@ def test_full_blocks_of_hops_and_a_remainder_equal_the_stock_ops(r):
         for a, b in zip((want, *torch.autograd.grad(want, (p, w), grad_u)),
                         (got, *torch.autograd.grad(got, (p, w), grad_u))):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def _kernel_both_ways(b: int, t: int, r: int, g: int, online: bool, seed: int) -> list[list[torch.Tensor]]:
+    """Every output of the float32 kernel, forward then backward (u, the weights, 1 / D, the running
+    maxima, dL/dp, dL/dw), on the AVX-512 path and then on the portable loops."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(b, t, g, r, generator=gen)
+    scores = 30 * torch.randn(b, t, r, generator=gen) if online else torch.rand(b, t, r, generator=gen) + 1e-3
+    grad_u = torch.randn(b, t, g, generator=gen)
+    runs = []
+    for portable in (False, True):
+        with hop_sum.portable_loops() if portable else contextlib.nullcontext():
+            w, u, inv_den = scores.clone(), torch.empty(b, t, g), torch.empty(b, t, r)
+            m = torch.empty(b, t, r) if online else None
+            hop_sum._forward(p, w, u, inv_den, m, 0, b)
+            grad_p, grad_w = torch.empty(b * t, g * r), torch.empty(b, t, r)
+            hop_sum._backward(p, w, inv_den, grad_u, grad_p, grad_w, m, 0, b, times_w=online)
+            runs.append([u, w, inv_den, grad_p, grad_w] + ([m] if online else []))
+    return runs
+
+
+@pytest.mark.parametrize("online", [True, False], ids=["online", "weights given"])
+@pytest.mark.parametrize(("r", "g"), [(1, 3), (5, 1), (16, 16), (17, 20), (20, 20), (33, 37), (70, 5)])
+def test_the_vectorised_kernel_equals_the_portable_loops(r, g, online):
+    """Hop widths of one partial vector, whole vectors, a remainder, and more blocks than the path
+    holds in registers (70 = 5 blocks); gate counts below, at and past 16 (the sums' tree); the
+    online mode with scores spread over +-100 (many rising maxima) and given weights; T = 1, 2, 37.
+    Both paths sum in the same order per hop and step: they agree to float32 rounding."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    for t in (1, 2, 37):
+        fast, portable = _kernel_both_ways(3, t, r, g, online, seed=r * 100 + g + t)
+        for a, b in zip(fast, portable):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max().clamp(min=1)))
 
 
 def _folded_case(b: int, ph: int, r: int, dtype: torch.dtype, seed: int = 0):
@@ -371,7 +420,7 @@ def test_explanations_skip_the_attention_weight_gradients(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["matrix", "mean"])
 @pytest.mark.parametrize("batch", [1, 7])
-def test_one_node_float32_path_equals_the_stock_ops(variant, batch):
+def test_one_node_float32_path_equals_the_stock_ops(variant, batch, kernel_path):
     """Float32 with the prefix sums in float32: `FoldedICA` (C tanh, shift and exp, dL/de from the
     kernel, the score path's input-gradient added in place) against the stock ops: gate inputs and
     the gradients of x, W1, W2 and W_ih, 1e-5 of each result's scale."""
@@ -404,7 +453,7 @@ def test_one_node_float32_path_equals_the_stock_ops(variant, batch):
 
 
 @pytest.mark.parametrize(("variant", "t"), [("matrix", 25), ("mean", 25), ("matrix", 5000)])
-def test_wide_scores_stay_float32_in_the_online_kernel_and_agree(variant, t):
+def test_wide_scores_stay_float32_in_the_online_kernel_and_agree(variant, t, kernel_path):
     """Past the float32-safe score spread the stock ops sum in float64; `FoldedICA`'s online mode
     (weights relative to each hop's running maximum) stays in float32 and gives the same gate
     inputs and gradients, finite, up to T = 5000 (1e-5 of each result's scale; against a float64

@@ -49,6 +49,7 @@ def _library() -> ctypes.CDLL | None:
         functions[f"icaserve_hop_sum_forward_{suffix}"] = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
         functions[f"icaserve_hop_sum_backward_{suffix}"] = [ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
                                                             i64, i64, i64, i64, i64]
+    functions["icaserve_hop_sum_vectorised"] = [ctypes.c_int]
     functions["icaserve_tanh_f32"] = [ptr, i64]
     functions["icaserve_tanh_backward_f32"] = [ptr, ptr, i64]
     return native.load(SOURCE, "ICA's hop sum (stock torch ops, slower on CPU)", ENV_SWITCH, functions)
@@ -71,6 +72,28 @@ def use_stock_ops() -> Iterator[None]:
         yield
     finally:
         _enabled = before
+
+
+def vectorised() -> bool:
+    """Whether the kernel's AVX-512 path serves the float32 matrix variant (compiled in where the
+    build machine has AVX-512; hop_sum.c)."""
+    lib = _library()
+    return bool(lib is not None and lib.icaserve_hop_sum_vectorised(-1))
+
+
+@contextlib.contextmanager
+def portable_loops() -> Iterator[None]:
+    """Within the block, the kernel's portable loops run where its AVX-512 path would (tests check
+    that both give the same answers)."""
+    lib = _library()
+    before = lib.icaserve_hop_sum_vectorised(-1) if lib is not None else 0
+    if lib is not None:
+        lib.icaserve_hop_sum_vectorised(0)
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.icaserve_hop_sum_vectorised(before)
 
 
 def applies(v: torch.Tensor, w: torch.Tensor) -> bool:
@@ -130,6 +153,7 @@ def _check(status: int) -> None:
 #: while both stay in a core's L2 cache (1 MB here). Measured at the shipped shape, batch 32:
 #: chunks of 4-8 sequences (0.6-1.3 MB) beat 2 and beat the whole batch at once (README "Speed").
 CHUNK_BYTES = 1 << 20
+BACKWARD_CHUNK_BYTES = 1 << 20
 
 
 def _gates_forward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int,
@@ -162,7 +186,7 @@ def _gates_backward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, p: tor
     grad_x = x.new_empty(b, t, n) if want_x else None
     grad_rows = torch.zeros_like(rows) if want_rows else None
     grad_w = torch.empty_like(w)
-    chunk = _chunk(p)
+    chunk = _chunk(p, BACKWARD_CHUNK_BYTES)
     grad_p = p.new_empty(chunk * t, g * ph)  # one chunk's worth, reused: it stays in cache
     x_rows = x.view(b * t, n)
     grad_x_rows = grad_x.view(b * t, n) if want_x else None
@@ -302,10 +326,11 @@ def wanted(ctx, i: int) -> bool:  # noqa: ANN001
         return True
 
 
-def _chunk(p: torch.Tensor) -> int:
-    """Sequences per chunk of `FoldedGates`: at least one, at most the batch."""
+def _chunk(p: torch.Tensor, budget: int | None = None) -> int:
+    """Sequences per chunk of `FoldedGates` (`budget` bytes of projections, CHUNK_BYTES by default):
+    at least one, at most the batch."""
     per_sequence = max(1, p[0].numel() * p.element_size()) if p.shape[0] else 1
-    return max(1, min(p.shape[0], CHUNK_BYTES // per_sequence))
+    return max(1, min(p.shape[0], (CHUNK_BYTES if budget is None else budget) // per_sequence))
 
 
 def _steps(rows: torch.Tensor, lo: int, hi: int, t: int) -> torch.Tensor:
