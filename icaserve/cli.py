@@ -43,16 +43,17 @@ def train(
     cell: str = typer.Option("lstm", help="lstm, gru or rnn"),
     attention: str = typer.Option("ica", help="none, ica (input-cell attention) or self (over hidden states)"),
     variant: str = typer.Option("matrix", help="ICA variant: matrix (paper) or mean"),
-    hidden: int = typer.Option(5, min=1),
+    hidden: Optional[int] = typer.Option(
+        None, min=1, help="hidden size (default 5; ICA models trained with the localise recipe: 64)"),
     layers: int = typer.Option(1, min=1),
     bidirectional: bool = typer.Option(False, "--bidirectional"),
     dropout: float = typer.Option(0.1, min=0.0, max=0.99),
     r: int = typer.Option(20, "--hops", min=1, help="attention hops r (not --r: torchrun would take that)"),
     d_a: int = typer.Option(50, min=1, help="attention hidden size"),
     recipe: str = typer.Option(
-        "auto", help="auto (localise for ICA models, classic otherwise), localise (Adam, L2 weight decay 1e-2, "
-        "train to a validation-loss plateau) or classic (Adam, no weight decay, select on accuracy); "
-        "the flags below override it"),
+        "auto", help="auto (localise for ICA models, classic otherwise), localise (Adam, L2 weight decay 1e-2 "
+        "except on the ICA attention's weights, train to a validation-loss plateau; ICA models: hidden 64) or "
+        "classic (Adam, no weight decay, select on accuracy); the flags override it"),
     epochs: Optional[int] = typer.Option(None, min=1, help="epoch cap (recipe: localise 500, classic 100)"),
     batch_size: int = typer.Option(50, min=1),
     lr: float = typer.Option(1e-3, min=0.0),
@@ -66,8 +67,8 @@ def train(
     attention_entropy: Optional[float] = typer.Option(
         None, min=0.0, help="weight of the ICA attention-entropy penalty (0: off)"),
     attention_weight_decay: Optional[float] = typer.Option(
-        None, min=0.0, help="weight decay of the ICA attention's weights (default: --weight-decay); "
-        "0 sharpened the gradient's time profile on the middle box (README, Training recipe)"),
+        None, min=0.0, help="weight decay of the ICA attention's weights (recipe: localise 0, classic "
+        "--weight-decay); 0 lets the gradient's time profile find evidence inside the sequence (README)"),
     val_fraction: float = typer.Option(0.2, min=0.01, max=0.9),
     seed: int = typer.Option(0),
     n_train: int = typer.Option(1000, min=4, help="synthetic data: training samples"),
@@ -83,7 +84,7 @@ def train(
     """Train a classifier; selects on a validation split, reports test accuracy when there is a test set."""
     from training.datasets import DatasetError, load, train_val_split
     from training.models import ModelConfig
-    from training.train import TrainConfig, recipe_for, save_checkpoint, train_config_dict
+    from training.train import TrainConfig, recipe_for, recipe_model, save_checkpoint, train_config_dict
     from training.train import train as run_training
 
     if export:
@@ -93,6 +94,9 @@ def train(
             check_name(export)  # refuse a bad name before training, not after
         except StoreError as exc:
             _fail(str(exc))
+    recipe = recipe_for(attention) if recipe == "auto" else recipe
+    if hidden is None:
+        hidden = recipe_model(recipe, attention).get("hidden", 5)
     try:
         train_ds, test_ds = load(dataset, n_train=n_train, n_test=n_test, T=length, N=features, seed=seed)
         fit_ds, val_ds = train_val_split(train_ds, val_fraction, seed)
@@ -105,7 +109,7 @@ def train(
         _fail(str(exc))
     try:
         cfg = TrainConfig.from_recipe(
-            recipe_for(attention) if recipe == "auto" else recipe, epochs=epochs, batch_size=batch_size, lr=lr,
+            recipe, epochs=epochs, batch_size=batch_size, lr=lr,
             optimizer=optimizer, weight_decay=weight_decay, patience=patience, min_delta=min_delta, select=select,
             lr_schedule=lr_schedule, attention_entropy=attention_entropy,
             attention_weight_decay=attention_weight_decay, seed=seed, device=device)

@@ -28,6 +28,7 @@ from training.train import (
     attention_entropy,
     load_checkpoint,
     recipe_for,
+    recipe_model,
     save_checkpoint,
     train,
 )
@@ -298,6 +299,31 @@ def test_recipes_and_config_validation() -> None:
     assert recipe_for("ica") == "localise" and recipe_for("none") == "classic" and recipe_for("self") == "classic"
     with pytest.raises(ValueError, match="recipe"):
         TrainConfig.from_recipe("fastest")
+    # the recipe frees the ICA attention's weights of the decay and widens ICA models' cells
+    assert loc.attention_weight_decay == 0.0 and classic.attention_weight_decay is None
+    assert recipe_model("localise", "ica") == {"hidden": 64}
+    assert recipe_model("localise", "none") == recipe_model("localise", "self") == recipe_model("classic", "ica") == {}
+
+
+@pytest.mark.parametrize(("flags", "hidden", "attention_wd"), [
+    ([], 64, 0.0),  # an ICA model takes the localise recipe, and its width
+    (["--recipe", "classic"], 5, None),
+    (["--hidden", "7"], 7, 0.0),  # a given width wins
+    (["--attention-weight-decay", "0.01"], 64, 0.01),
+])
+def test_cli_train_takes_the_recipes_model_width_unless_given(tmp_path: Path, flags, hidden, attention_wd) -> None:
+    from typer.testing import CliRunner
+
+    from icaserve.cli import app
+
+    args = ["train", "--dataset", "earlier_box", "--length", "6", "--features", "4", "--n-train", "24",
+            "--n-test", "4", "--hops", "2", "--d-a", "3", "--device", "cpu", "--epochs", "1",
+            "--out", str(tmp_path / "m.pt"), *flags]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    _, ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert ckpt["config"]["hidden"] == hidden
+    assert ckpt["training"]["attention_weight_decay"] == attention_wd
     for bad in ({"optimizer": "sgd"}, {"select": "f1"}, {"lr_schedule": "step"}, {"weight_decay": -1.0},
                 {"min_delta": float("nan")}, {"epochs": 0}, {"attention_entropy": float("inf")}):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -592,15 +618,16 @@ def test_ddp_ranks_agree_and_equal_one_process_on_the_union(tmp_path: Path) -> N
 
 def test_attention_weight_decay_gets_a_group_of_its_own() -> None:
     """--attention-weight-decay: the ICA attention's weights (encoder w1, w2) in their own optimizer
-    group; unset (or equal) it is one group, as before; negative is refused."""
+    group (the localise recipe's default, at 0); unset (classic) or equal to the rest it is one
+    group, as before; negative is refused."""
     from training.models import build_model
     from training.train import _optimizer
 
     net = build_model(TINY)
-    one = _optimizer(net, TrainConfig.from_recipe("localise"))
+    one = _optimizer(net, TrainConfig.from_recipe("classic", weight_decay=1e-2))
     assert len(one.param_groups) == 1 and one.param_groups[0]["weight_decay"] == 1e-2
     assert len(_optimizer(net, TrainConfig.from_recipe("localise", attention_weight_decay=1e-2)).param_groups) == 1
-    opt = _optimizer(net, TrainConfig.from_recipe("localise", attention_weight_decay=0.0))
+    opt = _optimizer(net, TrainConfig.from_recipe("localise"))
     rest, own = opt.param_groups
     assert (rest["weight_decay"], own["weight_decay"]) == (1e-2, 0.0)
     assert {id(p) for p in own["params"]} == {id(net.encoder.w1.weight), id(net.encoder.w2.weight)}

@@ -172,11 +172,17 @@ class ReproConfig:
                     localise_epochs=30, quality_models=["lstm", "ica_lstm"], quality_samples=20)
         return cls(**{**base, **changes})
 
-    def model_config(self, key: str):
+    def model_config(self, key: str, recipe: str = "paper"):
+        """The model of one job: the paper's sizes, with what the recipe brings to ICA models
+        (training.train.RECIPE_ICA_MODEL: a wider cell for "localise")."""
         from training.models import ModelConfig
+        from training.train import recipe_model
 
-        return ModelConfig(n_features=self.N, n_classes=2, hidden=self.hidden, dropout=self.dropout,
-                           r=self.r, d_a=self.d_a, **MODELS[key])
+        sizes = {"hidden": self.hidden}
+        if recipe != "paper":
+            sizes.update(recipe_model(recipe, MODELS[key].get("attention", "none")))
+        return ModelConfig(n_features=self.N, n_classes=2, dropout=self.dropout, r=self.r, d_a=self.d_a,
+                           **sizes, **MODELS[key])
 
     def epoch_cap(self, key: str, recipe: str = "paper") -> int:
         if recipe == "localise":
@@ -282,7 +288,7 @@ def run_job(job: Job, cfg: ReproConfig) -> dict[str, Any]:
 
     fit_ds, val_ds, test_ds = _data(job.dataset, cfg.n_train, cfg.n_test, cfg.T, cfg.N, cfg.seed,
                                     cfg.val_fraction)
-    mc = cfg.model_config(job.model)
+    mc = cfg.model_config(job.model, job.recipe)
     cap = cfg.epoch_cap(job.model, job.recipe)
     tc = cfg.train_config(job.model, job.recipe)
     _send(job, stage="training", epoch=0, cap=cap)
@@ -677,12 +683,16 @@ def render_markdown(result: dict[str, Any], records: list[dict[str, Any]], cfg: 
         "min-max scaled per sample over T x N; scored against the box mask on the whole test set",
     ]
     if "localise" in cfg.recipes:
-        from training.train import RECIPES
+        from training.train import RECIPES, recipe_model
 
         rc = RECIPES["localise"]
         lines.append(
             f"- recipe `localise` (training.train, issue 11) for {', '.join(label.get(k, k) for k in cfg.recipe_models if k in cfg.models)}: "
-            f"{rc['optimizer'].capitalize()} with L2 weight decay {rc['weight_decay']:g}, same lr, batch and seed, "
+            f"{rc['optimizer'].capitalize()} with L2 weight decay {rc['weight_decay']:g}"
+            + (f" ({rc['attention_weight_decay']:g} on the ICA attention's own weights)"
+               if rc.get("attention_weight_decay") is not None else "")
+            + "".join(f", {k} {v} for ICA models" for k, v in recipe_model("localise", "ica").items())
+            + ", same lr, batch and seed, "
             f"improvement = validation loss lower by > {rc['min_delta']:g}, stop after {rc['patience']} epochs "
             f"without one, at most {cfg.localise_epochs} epochs (the recipe's own cap is {rc['epochs']}), "
             "best epoch kept")
