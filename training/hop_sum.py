@@ -153,7 +153,6 @@ def _check(status: int) -> None:
 #: while both stay in a core's L2 cache (1 MB here). Measured at the shipped shape, batch 32:
 #: chunks of 4-8 sequences (0.6-1.3 MB) beat 2 and beat the whole batch at once (README "Speed").
 CHUNK_BYTES = 1 << 20
-BACKWARD_CHUNK_BYTES = 1 << 20
 
 
 def _gates_forward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ph: int,
@@ -186,7 +185,7 @@ def _gates_backward(x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, p: tor
     grad_x = x.new_empty(b, t, n) if want_x else None
     grad_rows = torch.zeros_like(rows) if want_rows else None
     grad_w = torch.empty_like(w)
-    chunk = _chunk(p, BACKWARD_CHUNK_BYTES)
+    chunk = _chunk(p)
     grad_p = p.new_empty(chunk * t, g * ph)  # one chunk's worth, reused: it stays in cache
     x_rows = x.view(b * t, n)
     grad_x_rows = grad_x.view(b * t, n) if want_x else None
@@ -326,11 +325,10 @@ def wanted(ctx, i: int) -> bool:  # noqa: ANN001
         return True
 
 
-def _chunk(p: torch.Tensor, budget: int | None = None) -> int:
-    """Sequences per chunk of `FoldedGates` (`budget` bytes of projections, CHUNK_BYTES by default):
-    at least one, at most the batch."""
+def _chunk(p: torch.Tensor) -> int:
+    """Sequences per chunk of `FoldedGates`: at least one, at most the batch."""
     per_sequence = max(1, p[0].numel() * p.element_size()) if p.shape[0] else 1
-    return max(1, min(p.shape[0], (CHUNK_BYTES if budget is None else budget) // per_sequence))
+    return max(1, min(p.shape[0], CHUNK_BYTES // per_sequence))
 
 
 def _steps(rows: torch.Tensor, lo: int, hi: int, t: int) -> torch.Tensor:
