@@ -96,7 +96,7 @@ def train(
             _fail(str(exc))
     recipe = recipe_for(attention) if recipe == "auto" else recipe
     if hidden is None:
-        hidden = recipe_model(recipe, attention).get("hidden", 5)
+        hidden = recipe_model(recipe, attention).get("hidden", ModelConfig.hidden)
     try:
         train_ds, test_ds = load(dataset, n_train=n_train, n_test=n_test, T=length, N=features, seed=seed)
         fit_ds, val_ds = train_val_split(train_ds, val_fraction, seed)

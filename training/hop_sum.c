@@ -52,19 +52,30 @@
  * by ln 2 in two parts, degree-5 polynomial, scale by 2^n through the exponent bits), relative
  * error ~2e-7, written so that the compiler vectorises it. Arguments are clamped to [-87, 88],
  * where 2^n is a normal float. */
+#define EXP_MIN -87.0f
+#define EXP_MAX 88.0f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_LN2_HI 0.693359375f      /* ln 2 = EXP_LN2_HI + EXP_LN2_LO, the first part exact */
+#define EXP_LN2_LO -2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f      /* the polynomial, highest degree first */
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
 INLINE float exp_f32(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    x = x < EXP_MIN ? EXP_MIN : (x > EXP_MAX ? EXP_MAX : x);
     /* n = round(x / ln 2): adding and subtracting 1.5 * 2^23 rounds to an integer (no floorf, which
      * is a library call unless traps are off, and would keep the loop scalar) */
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float q = 1.9875691500e-4f;
-    q = q * r + 1.3981999507e-3f;
-    q = q * r + 8.3334519073e-3f;
-    q = q * r + 4.1665795894e-2f;
-    q = q * r + 1.6666665459e-1f;
-    q = q * r + 5.0000001201e-1f;
+    const float n = (x * EXP_LOG2E + 12582912.0f) - 12582912.0f;
+    float r = x - n * EXP_LN2_HI;
+    r = r - n * EXP_LN2_LO;
+    float q = EXP_P0;
+    q = q * r + EXP_P1;
+    q = q * r + EXP_P2;
+    q = q * r + EXP_P3;
+    q = q * r + EXP_P4;
+    q = q * r + EXP_P5;
     const float y = q * r * r + r + 1.0f;
     const int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
@@ -201,19 +212,19 @@ INLINE void bwd2_block_##SUFFIX(const T_ *pt, const T_ *wt, const T_ *gt, const 
 
 static int vectorised = 1;  /* icaserve_hop_sum_vectorised(0) runs the portable loops instead */
 
-/* exp_f32 on 16 lanes: the same steps, with the scale by 2^n done by scalef. */
+/* exp_f32 on 16 lanes: the same steps and constants, with the scale by 2^n done by scalef. */
 static inline __m512 exp_v16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_MIN)), _mm512_set1_ps(EXP_MAX));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 q = _mm512_set1_ps(1.9875691500e-4f);
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.3981999507e-3f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(8.3334519073e-3f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.1665795894e-2f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6666665459e-1f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    __m512 q = _mm512_set1_ps(EXP_P0);
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(EXP_P1));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(EXP_P2));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(EXP_P3));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(EXP_P4));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(EXP_P5));
     const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(q, r), r, r), _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(y, n);
 }

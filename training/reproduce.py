@@ -178,9 +178,7 @@ class ReproConfig:
         from training.models import ModelConfig
         from training.train import recipe_model
 
-        sizes = {"hidden": self.hidden}
-        if recipe != "paper":
-            sizes.update(recipe_model(recipe, MODELS[key].get("attention", "none")))
+        sizes = {"hidden": self.hidden, **recipe_model(recipe, MODELS[key].get("attention", "none"))}
         return ModelConfig(n_features=self.N, n_classes=2, dropout=self.dropout, r=self.r, d_a=self.d_a,
                            **sizes, **MODELS[key])
 
