@@ -8,6 +8,16 @@ for the embedding's forward and 3.5x for forward + backward (batch 50, one threa
 that freed memory stays with the process (its peak). Training, `reproduce` and the benchmarks
 use it; the server does not by default (ICASERVE_TUNE_MALLOC): under the soak benchmark's mixed
 traffic it held about 500 MiB more, never returned it, and served no faster.
+
+The threshold is 256 MiB, not more: blocks above it (occlusion's 1024-copy batches, ~800 MB on the
+hidden-64 shipped model) still go back to the kernel. The raised thresholds also let a heap keep
+the holes that long runs of differently sized large blocks leave: with 1 GiB, TSR on 6 sequences
+of the shipped model in one call peaked at 4.9 GB (256 MiB: 2.6-8.4 GB over three runs, two at
+once on the 2 cores; glibc's default 1.8 GB, but 282 s against 120 s), and `icaserve evaluate` with
+every method was killed at 24 GB during TSR, with either threshold. So `release_free_memory` hands
+the free pages back after each batch of explanations (training.evaluation.compute_saliency), and
+evaluation runs TSR one sequence per call: the same 6 sequences then peaked at 1.5 GB in 130 s,
+and the whole `icaserve evaluate --model middle-box-ica-lstm --write` at 2.9 GB in 376 s.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ _M_MMAP_THRESHOLD = -3
 _done = False
 
 
-def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1) -> bool:
+def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = (1 << 31) - 1) -> bool:
     """Raise glibc's mmap and trim thresholds; True if applied (no-op off glibc or twice)."""
     global _done
     if _done or not sys.platform.startswith("linux"):
@@ -34,3 +44,17 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) -
         return False
     _done = ok
     return ok
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim; a no-op elsewhere).
+
+    With the thresholds raised, long runs of differently sized large blocks (TSR's masked copies,
+    occlusion's windows) leave holes that the heap keeps; callers that finish one such unit of
+    work (a batch of explanations) call this so the process holds its live set, not its history."""
+    if not _done:
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -94,10 +94,30 @@ def test_explanation_quality_of_a_model_with_known_attributions() -> None:
         assert q["methods"]["input_x_gradient"][key] == pytest.approx(by_hand[key], abs=1e-6)
         assert q["methods"]["integrated_gradients"][key] == pytest.approx(by_hand[key], abs=1e-5)
     assert q["methods"]["tsr"]["n"] == 2
+    assert q["methods"]["occlusion"]["n"] == 10
+    assert q["parameters"]["occlusion"] == {"window": [4, 3]}  # the default window, clipped to (T, N)
     assert q["parameters"]["integrated_gradients"] == {"steps": 50}
     assert q["chance"]["box_time_mass"] == pytest.approx(0.5)
     ExplanationQuality.model_validate(q)  # what the store will accept
     json.dumps(q, allow_nan=False)  # no NaN anywhere
+
+
+def test_occlusion_is_scored_on_its_subset_with_its_window() -> None:
+    """Per-cell occlusion of a linear model with the zero baseline drops the logit by x * W in each
+    cell: input x gradient's map, so its scores on the first `occlusion_samples` samples."""
+    gen = np.random.default_rng(1)
+    X = gen.normal(size=(6, 4, 3)).astype(np.float32)
+    masks = np.broadcast_to(R_HAND, X.shape).copy()
+    q = explanation_quality(Linear(S_HAND), X, np.ones(6, dtype=np.int64), masks, dataset="hand", seed=0,
+                            methods=["occlusion"], occlusion_samples=4, params={"occlusion": {"window": (1, 1)}})
+    assert q["methods"]["occlusion"]["n"] == 4
+    assert q["parameters"]["occlusion"] == {"window": (1, 1)}
+    by_hand = score_saliency(X[:4] * S_HAND, masks[:4])
+    for key in EXPECTED:
+        assert q["methods"]["occlusion"][key] == pytest.approx(by_hand[key], abs=1e-5), key
+    skipped = explanation_quality(Linear(S_HAND), X, np.ones(6, dtype=np.int64), masks, dataset="hand", seed=0,
+                                  methods=["gradient", "occlusion"], occlusion_samples=0)
+    assert list(skipped["methods"]) == ["gradient"]
 
 
 def test_undefined_metrics_are_null_and_bad_requests_refused() -> None:

@@ -1,9 +1,10 @@
 """What ships, exercised for real: the demo model in the repo's own store, the ONNX /predict
 backend, and every client in examples/, each against a real uvicorn server on loopback.
 
-- The shipped model (model_store/middle-box-ica-lstm, latest version 3: trained with the localise
-  recipe as it is now, hidden 64 with the attention free of weight decay; versions 1 and 2 stay, and
-  tests/test_runtime.py and tests/test_hop_sum.py load them), served straight from the repo's store as
+- The shipped model (model_store/middle-box-ica-lstm, latest version 4: version 3's files, trained
+  with the localise recipe as it is now, hidden 64 with the attention free of weight decay, and a
+  manifest that also scores occlusion; versions 1 to 3 stay, and tests/test_runtime.py and
+  tests/test_hop_sum.py load the first two), served straight from the repo's store as
   `icaserve serve` does by default: it loads, classifies fresh middle_box data as well as its
   manifest says, and its answers (logits, gradient saliency, attention) equal the same TorchScript
   run in-process.
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 STORE = REPO / "model_store"
 NAME = "middle-box-ica-lstm"
-VERSION = 3  # the latest, which the service serves by default
+VERSION = 4  # the latest, which the service serves by default
 T = N = 100
 CLASSES = ["negative", "positive"]
 CONCURRENT = 16
@@ -120,7 +121,7 @@ def test_shipped_model_is_listed_and_ready(torch_server):
         assert body["default"] == NAME
         assert [m["name"] for m in body["models"]] == [NAME]  # store.py and friends are not models
         one = body["models"][0]
-        assert one["versions"] == [1, 2, VERSION] and one["serving_version"] == VERSION
+        assert one["versions"] == [1, 2, 3, VERSION] and one["serving_version"] == VERSION
         man = one["manifest"]
         assert man["input"]["n_features"] == N and man["input"]["class_names"] == CLASSES
         assert man["architecture"]["attention"] == "ica" and set(man["files"]) == {"torchscript", "onnx"}
@@ -148,10 +149,10 @@ def test_shipped_model_classifies_middle_box_data(torch_server, reference):
 
 def test_shipped_model_explanations_point_at_the_box(torch_server):
     """The served version (trained with the localise recipe) localises: on fresh middle_box
-    sequences of both classes, the default /explain (gradient) and integrated gradients rank the
-    box's cells above the rest (ROC-AUC of the saliency as a box detector; 0.5 = chance) as its
-    manifest's explanation_quality says, and /models shows that quality per method so a client can
-    pick the method."""
+    sequences of both classes, the default /explain (gradient), integrated gradients and occlusion
+    rank the box's cells above the rest (ROC-AUC of the saliency as a box detector; 0.5 = chance)
+    as its manifest's explanation_quality says, and /models shows that quality per method so a
+    client can pick the method."""
     from training.datasets import synthetic_splits
     from training.evaluation import roc_auc
 
@@ -162,14 +163,18 @@ def test_shipped_model_explanations_point_at_the_box(torch_server):
         grad = c.post("/explain", json={"inputs": x.tolist()})
         ig = c.post("/explain", json={"inputs": x.tolist(), "method": "integrated_gradients",
                                       "parameters": {"steps": 16}})
+        occlusion = c.post("/explain", json={"inputs": x.tolist(), "method": "occlusion"})
         assert grad.status_code == 200 and ig.status_code == 200, (grad.text, ig.text)
+        assert occlusion.status_code == 200, occlusion.text
         listed = c.get(f"/models/{NAME}").json()
-    for r in (grad, ig):
+    aucs = {}
+    for r in (grad, ig, occlusion):
         sal = np.stack([np.asarray(e["attributions"][0]["saliency"]) for e in r.json()["explanations"]])
-        auc = float(np.mean(roc_auc(masks, sal)))
-        assert auc >= 0.85, (r.json()["method"], auc)
+        aucs[r.json()["method"]] = float(np.mean(roc_auc(masks, sal)))
+    assert min(aucs.values()) >= 0.85 and aucs["occlusion"] >= 0.95, aucs
     quality = listed["manifest"]["explanation_quality"]
     assert quality["methods"]["gradient"]["auc"] >= 0.9, quality
+    assert quality["methods"]["occlusion"]["auc"] >= 0.95 and quality["methods"]["occlusion"]["n"] == 100, quality
 
 
 def test_shipped_model_explains(torch_server, reference):

@@ -84,9 +84,11 @@ ALL_DATASETS = ("earlier_box", "middle_box", "latter_box", "three_earlier_boxes"
 # of 800 samples plus validation took ~1.2 s, an LSTM epoch ~0.15 s). Scheduling and the printed
 # worst-case estimate only.
 _PASS_SECONDS = {"ica": 1.2e-3, "plain": 0.18e-3}
-# Gradient passes per sample of the quality methods other than TSR, at the service's defaults:
+# Gradient passes per sample of the gradient-family quality methods, at the service's defaults:
 # gradient 1, input x gradient 1, integrated gradients 50 steps, SmoothGrad 20 samples.
 _QUALITY_PASSES = 72
+# Occlusion: a forward pass (~1/3 of a gradient pass) per 5 x 5 window.
+_OCCLUSION_PASS = 1 / 3
 
 
 @dataclass
@@ -132,6 +134,9 @@ class ReproConfig:
     # quality_samples test samples (0: none), for these models, every recipe.
     quality_models: list[str] = field(default_factory=lambda: list(MODELS))
     quality_samples: int = 100
+    # Occlusion (a forward pass per 5 x 5 window: 400 a sample at T = N = 100, ~100 s per 100
+    # samples for the wide recipe ICA-LSTM) scores the first occlusion_samples of those.
+    occlusion_samples: int = 50
 
     def __post_init__(self) -> None:
         from training.datasets import SYNTHETIC
@@ -156,7 +161,7 @@ class ReproConfig:
                      "saliency_batch", "localise_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("tsr_samples", "quality_samples"):
+        for name in ("tsr_samples", "quality_samples", "occlusion_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if not self.jobs_list():
@@ -343,7 +348,8 @@ def run_job(job: Job, cfg: ReproConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         methods = tuple(m for m in QUALITY_METHODS if m != "tsr")
         quality = explanation_quality(model, X[:n], y[:n], masks[:n], dataset=job.dataset, seed=cfg.seed,
-                                      methods=methods, batch=cfg.saliency_batch)
+                                      methods=methods, occlusion_samples=cfg.occlusion_samples,
+                                      batch=cfg.saliency_batch)
         if tsr_saliency is not None and "tsr" in QUALITY_METHODS:
             # TSR is hundreds of passes a sample: score the maps computed above (the first
             # min(tsr_samples, n) samples) instead of computing them twice.
@@ -441,6 +447,8 @@ def estimated_cost(cfg: ReproConfig, job: Job) -> float:
         passes += cfg.tsr_samples * (1 + cfg.T + 0.45 * cfg.T * cfg.N)
     if cfg.runs_quality(job.model):
         passes += min(cfg.quality_samples, cfg.n_test) * _QUALITY_PASSES
+        windows = math.ceil(cfg.T / 5) * math.ceil(cfg.N / 5)
+        passes += min(cfg.occlusion_samples, cfg.quality_samples, cfg.n_test) * windows * _OCCLUSION_PASS
     return unit * passes
 
 
@@ -698,7 +706,8 @@ def render_markdown(result: dict[str, Any], records: list[dict[str, Any]], cfg: 
         lines.append(
             f"- per-method quality (`explanation_quality`, the service's default parameters) for "
             f"{', '.join(label.get(k, k) for k in cfg.quality_models if k in cfg.models)}: gradient, input x gradient, "
-            f"integrated gradients, SmoothGrad on the first {cfg.quality_samples} test samples; TSR where it "
+            f"integrated gradients, SmoothGrad on the first {cfg.quality_samples} test samples; occlusion (5 x 5 "
+            f"windows) on the first {min(cfg.occlusion_samples, cfg.quality_samples)}; TSR where it "
             f"runs (below) on the first {min(cfg.tsr_samples, cfg.quality_samples)}")
     if cfg.tsr_samples and cfg.tsr_models:
         where = "every dataset" if cfg.tsr_datasets is None else ", ".join(cfg.tsr_datasets)
@@ -823,8 +832,9 @@ def render_recipe_sections(records: list[dict[str, Any]], cfg: ReproConfig) -> l
         methods = list(dict.fromkeys(m for r in with_quality for m in r["quality"]["methods"]))
         lines += ["", "## Explanation quality per method (AUC / box-time share)", "",
                   f"`explanation_quality` with the service's default parameters on the first "
-                  f"{cfg.quality_samples} test samples (TSR on the first {min(cfg.tsr_samples, cfg.quality_samples)}, "
-                  "where it runs); chance: AUC 0.5, box-time share as in the last column.", "",
+                  f"{cfg.quality_samples} test samples (occlusion on the first "
+                  f"{min(cfg.occlusion_samples, cfg.quality_samples)}, TSR on the first "
+                  f"{min(cfg.tsr_samples, cfg.quality_samples)}, where it runs); chance: AUC 0.5, box-time share as in the last column.", "",
                   "| dataset | model | recipe | acc | " + " | ".join(methods) + " | chance box-time |",
                   "|---" * (len(methods) + 5) + "|"]
         for r in with_quality:
