@@ -28,33 +28,31 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_done = False
+_tuned_libc: ctypes.CDLL | None = None  # glibc, once tune_malloc has applied (release_free_memory reuses it)
 
 
 def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = (1 << 31) - 1) -> bool:
     """Raise glibc's mmap and trim thresholds; True if applied (no-op off glibc or twice)."""
-    global _done
-    if _done or not sys.platform.startswith("linux"):
-        return _done
+    global _tuned_libc
+    if _tuned_libc is not None or not sys.platform.startswith("linux"):
+        return _tuned_libc is not None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
         ok = libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1 and ok
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False
-    _done = ok
+    if ok:
+        _tuned_libc = libc
     return ok
 
 
 def release_free_memory() -> None:
-    """Hand the heap's free pages back to the kernel (glibc's malloc_trim; a no-op elsewhere).
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim; a no-op when the heap
+    was not tuned).
 
     With the thresholds raised, long runs of differently sized large blocks (TSR's masked copies,
     occlusion's windows) leave holes that the heap keeps; callers that finish one such unit of
     work (a batch of explanations) call this so the process holds its live set, not its history."""
-    if not _done:
-        return
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if _tuned_libc is not None:
+        _tuned_libc.malloc_trim(0)

@@ -257,6 +257,15 @@ static inline __m512 sums16(const __m512 *v) {
                          _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* The factor by which running sums referred to the maxima `prev` shrink when the maxima become
+ * `next` (>= prev): exp(prev - next), exactly 1 where no lane rose; sets *rose where one did.
+ * The forward's per-hop pass and the backward's factors share it, so both give the same values. */
+static inline __m512 rise_v16(__m512 prev, __m512 next, char *rose) {
+    if (!_mm512_cmp_ps_mask(next, prev, _CMP_GT_OQ)) return _mm512_set1_ps(1.0f);
+    *rose = 1;
+    return exp_v16(_mm512_sub_ps(prev, next));
+}
+
 /* Forward, one sequence's per-hop pass (see above): m and w (online mode, w holding the scores on
  * entry), the factors c into cb (rp per step) with cf[t] set where any is not 1, and 1 / D. */
 static void hops_v16(float *w, float *inv, float *m, float *cb, char *cf, int64_t T, int64_t R, int64_t rp) {
@@ -267,12 +276,8 @@ static void hops_v16(float *w, float *inv, float *m, float *cb, char *cf, int64_
             float *wt = w + t * R + j0;
             __m512 e = _mm512_maskz_loadu_ps(k, wt);
             if (m) {
-                __m512 c = _mm512_set1_ps(1.0f);
                 const __m512 next = t ? _mm512_max_ps(mx, e) : e;
-                if (t && _mm512_cmp_ps_mask(next, mx, _CMP_GT_OQ)) {
-                    c = exp_v16(_mm512_sub_ps(mx, next));
-                    cf[t] = 1;
-                }
+                const __m512 c = t ? rise_v16(mx, next, cf + t) : _mm512_set1_ps(1.0f);
                 mx = next;
                 _mm512_store_ps(cb + t * rp + j0, c);
                 _mm512_mask_storeu_ps(m + t * R + j0, k, mx);
@@ -349,12 +354,7 @@ static void factors_v16(const float *m, float *cb, char *cf, int64_t T, int64_t 
         for (int64_t j0 = 0; j0 < R; j0 += 16) {
             const __mmask16 k = lanes(R - j0);
             const __m512 a = _mm512_maskz_loadu_ps(k, m + (t - 1) * R + j0), b = _mm512_maskz_loadu_ps(k, m + t * R + j0);
-            __m512 c = _mm512_set1_ps(1.0f);
-            if (_mm512_cmp_ps_mask(b, a, _CMP_GT_OQ)) {
-                c = exp_v16(_mm512_sub_ps(a, b));
-                cf[t] = 1;
-            }
-            _mm512_store_ps(cb + t * rp + j0, c);
+            _mm512_store_ps(cb + t * rp + j0, rise_v16(a, b, cf + t));
         }
 }
 

@@ -87,7 +87,7 @@ _PASS_SECONDS = {"ica": 1.2e-3, "plain": 0.18e-3}
 # Gradient passes per sample of the gradient-family quality methods, at the service's defaults:
 # gradient 1, input x gradient 1, integrated gradients 50 steps, SmoothGrad 20 samples.
 _QUALITY_PASSES = 72
-# Occlusion: a forward pass (~1/3 of a gradient pass) per 5 x 5 window.
+# Occlusion: a forward pass (~1/3 of a gradient pass) per window.
 _OCCLUSION_PASS = 1 / 3
 
 
@@ -440,6 +440,8 @@ def estimated_cost(cfg: ReproConfig, job: Job) -> float:
     printed estimate: sample-gradient passes times the cost of a pass, which grows with T x N (an
     ICA model's pass costs ~7 plain ones: its prefix sums). Training counts its epoch cap, which a
     "localise" job may reach (it stops earlier on a plateau), quality its methods' passes."""
+    from attribution.occlusion import resolve_window, window_starts
+
     kind = "ica" if MODELS[job.model].get("attention") == "ica" else "plain"
     unit = _PASS_SECONDS[kind] * cfg.T * cfg.N / 1e4
     passes = cfg.epoch_cap(job.model, job.recipe) * cfg.n_train + cfg.n_test
@@ -447,7 +449,8 @@ def estimated_cost(cfg: ReproConfig, job: Job) -> float:
         passes += cfg.tsr_samples * (1 + cfg.T + 0.45 * cfg.T * cfg.N)
     if cfg.runs_quality(job.model):
         passes += min(cfg.quality_samples, cfg.n_test) * _QUALITY_PASSES
-        windows = math.ceil(cfg.T / 5) * math.ceil(cfg.N / 5)
+        (wt, wn), (st, sn) = resolve_window(cfg.T, cfg.N)  # occlusion's default windows
+        windows = len(window_starts(cfg.T, wt, st)) * len(window_starts(cfg.N, wn, sn))
         passes += min(cfg.occlusion_samples, cfg.quality_samples, cfg.n_test) * windows * _OCCLUSION_PASS
     return unit * passes
 
