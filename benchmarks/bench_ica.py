@@ -60,7 +60,7 @@ HIDDENS = (5, 64)
 BATCHES = (1, 32)
 MODES = ("forward", "forward+grad")
 TARGET_SPEEDUP = 20.0  # batch 1, forward+grad
-TARGET_PER_SEQUENCE = 0.3  # batch 32 per sequence vs batch 1, forward+grad, hidden 5 (the shipped shape)
+TARGET_PER_SEQUENCE = 0.3  # batch 32 per sequence vs batch 1, forward+grad, hidden 5 (the shipped shape when it was set: v1)
 
 
 def machine_info() -> dict:
@@ -86,10 +86,13 @@ def _time(fn, x: torch.Tensor, mode: str) -> tuple[float, float]:
 
 
 def floor_paths(model, batch: int) -> dict:
-    """The two parts every exact parallel form of this model must run, alone:
+    """The two parts every exact parallel form of this model must run, alone, each a callable that
+    runs its forward and input-gradient:
     - `gemm`: the one unavoidable projection, in the cheaper order for the shapes: the inputs through
       the per-hop input weights, (B*T, N) x (N, r*G) when G < N, else the cell inputs through W_ih,
-      (B*T, r*N) x (r*N, G); r*T*N*min(N, G) multiply-adds either way;
+      (B*T, r*N) x (r*N, G); r*T*N*min(N, G) multiply-adds either way. Timed on torch's GEMM and on
+      the fused kernel's own register-tiled one (training/hop_sum.py `tiled_mm`, AVX-512 builds);
+      the floor takes the faster;
     - `recurrence`: the fused LSTM alone on ready-made gate inputs.
     Their sum bounds any form built on these kernels: reference / floor is the largest speedup
     reachable without a faster GEMM or recurrence."""
@@ -109,18 +112,37 @@ def floor_paths(model, batch: int) -> dict:
     params = [eye, rnn.weight_hh_l0.detach(), rnn.bias_ih_l0.detach(), rnn.bias_hh_l0.detach()]
     h0 = torch.zeros(1, batch, h)
 
-    def gemm(_x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(_x, weight.t())
+    def autograd_floor(fn, x: torch.Tensor):  # noqa: ANN202
+        def run() -> None:
+            xg = x.detach().requires_grad_(True)
+            torch.autograd.grad(fn(xg).sum(), xg)
+        return run
 
-    def recurrence(_x: torch.Tensor) -> torch.Tensor:
-        return torch.lstm(_x, [h0, h0], params, True, 1, 0.0, False, False, True)[0][:, -1]
+    floors = {
+        "gemm": autograd_floor(lambda z: torch.matmul(z, weight.t()), inp),
+        "recurrence": autograd_floor(
+            lambda z: torch.lstm(z, [h0, h0], params, True, 1, 0.0, False, False, True)[0][:, -1], gates),
+    }
+    if hop_sum.vectorised():
+        rows = inp.view(-1, inp.shape[-1])
+        forward_w, backward_w = hop_sum.pack(weight.t()), hop_sum.pack(weight)
+        grad_p = torch.randn(rows.shape[0], weight.shape[0], generator=gen)
 
-    return {"gemm": (gemm, inp), "recurrence": (recurrence, gates)}
+        def tiled() -> None:
+            hop_sum.tiled_mm(rows, forward_w, weight.shape[0])
+            hop_sum.tiled_mm(grad_p, backward_w, weight.shape[1])
+
+        floors["gemm_tiled"] = tiled
+    return floors
 
 
-def _floor_grad(fn, x: torch.Tensor) -> None:
-    xg = x.detach().requires_grad_(True)
-    torch.autograd.grad(fn(xg).sum(), xg)
+def _floor_ms(floor_times: dict[str, list[float]]) -> dict[str, float]:
+    """Median ms per floor part, the GEMM the faster of torch's and the tiled one."""
+    parts = {k: statistics.median(v) * 1e3 for k, v in floor_times.items()}
+    if "gemm_tiled" in parts:
+        parts["gemm_torch"] = parts["gemm"]
+        parts["gemm"] = min(parts["gemm"], parts["gemm_tiled"])
+    return parts
 
 
 def bench_case(hidden: int, batch: int, repeats: int) -> list[dict]:
@@ -154,11 +176,12 @@ def bench_case(hidden: int, batch: int, repeats: int) -> list[dict]:
                 times[name].append(wall)
                 cpu[name].append(used)
             if mode == "forward+grad":
-                for name, (fn, inp) in floors.items():
+                for name, fn in floors.items():
                     start = time.perf_counter()
-                    _floor_grad(fn, inp)
+                    fn()
                     floor_times[name].append(time.perf_counter() - start)
-        floor = sum(statistics.median(v) for v in floor_times.values()) if mode == "forward+grad" else None
+        floor_parts = _floor_ms(floor_times) if mode == "forward+grad" else None
+        floor = (floor_parts["gemm"] + floor_parts["recurrence"]) / 1e3 if floor_parts else None
         par = statistics.median(times["parallel"])
         dire = statistics.median(times["direct"])
         stock_ms = statistics.median(times["stock"])
@@ -191,8 +214,7 @@ def bench_case(hidden: int, batch: int, repeats: int) -> list[dict]:
                 "form": ("folded over G" if model.folded and 4 * hidden < N
                          else "folded, projected" if model.folded else "direct"),
                 "floor_ms": floor * 1e3 if floor else None,
-                "floor_parts_ms": ({k: statistics.median(v) * 1e3 for k, v in floor_times.items()}
-                                   if floor else None),
+                "floor_parts_ms": floor_parts,
                 "speedup_bound": ref / floor if floor else None,
                 "compared": "logits" if mode == "forward" else "input-gradient of class-0 score",
             }
@@ -200,27 +222,86 @@ def bench_case(hidden: int, batch: int, repeats: int) -> list[dict]:
     return rows
 
 
+def kernel_parts(model, batch: int) -> dict:
+    """The kernels the shipped shape's forward + input-gradient runs at this batch, each alone on
+    ready inputs (callables; AVX-512 builds, else empty): `gemms`, all of the ICA node's GEMMs on
+    its tiled GEMM (the scores' x W1^T and h W2^T, the projection x rows^T, and backward the three
+    input-gradient products); `hop sum`, the fused kernel's forward (online mode) and backward;
+    `recurrence`, the fused LSTM's forward and input-gradient. Their sum is the batch's cost with
+    no framework at all around them."""
+    if not hop_sum.vectorised():
+        return {}
+    enc, rnn = model.encoder, model.rnn
+    g, r, d_a = rnn.weight_ih_l0.shape[0], enc.w2.weight.shape[0], enc.w2.weight.shape[1]
+    rows = rnn.weight_ih_l0.detach().reshape(g * r, N)
+    w1, w2 = enc.w1.weight.detach(), enc.w2.weight.detach()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(batch * T, N, generator=gen)
+    h = torch.randn(batch * T, d_a, generator=gen)
+    ge = torch.randn(batch * T, r, generator=gen)
+    gp = torch.randn(batch * T, g * r, generator=gen)
+    weights = {"w1": w1, "w2": w2, "rows": rows}
+    packed = {name: (hop_sum.pack(m.t()), hop_sum.pack(m)) for name, m in weights.items()}
+    products = []  # (a, packed weight, output), outputs allocated once as the node's are reused
+    for a, name, transposed in ((x, "w1", True), (h, "w2", True), (x, "rows", True),
+                                (ge, "w2", False), (gp, "rows", False), (h, "w1", False)):
+        weight = weights[name]
+        nc = weight.shape[0] if transposed else weight.shape[1]
+        products.append((a, packed[name][0 if transposed else 1], nc, a.new_empty(a.shape[0], nc)))
+
+    def gemms() -> None:
+        for a, b, nc, out in products:
+            hop_sum.tiled_mm(a, b, nc, out)
+
+    p = torch.randn(batch, T, g, r, generator=gen)
+    scores = torch.randn(batch, T, r, generator=gen)
+    w, m, inv_den, u = torch.empty_like(scores), torch.empty_like(scores), torch.empty_like(scores), torch.empty(batch, T, g)
+    grad_u, grad_p, grad_e = torch.randn(batch, T, g, generator=gen), torch.empty_like(p), torch.empty_like(scores)
+
+    def hop() -> None:
+        w.copy_(scores)  # the forward turns scores into weights in place
+        hop_sum._forward(p, w, u, inv_den, m, 0, batch)
+        hop_sum._backward(p, w, inv_den, grad_u, grad_p, grad_e, m, 0, batch, times_w=True)
+
+    return {"gemms": gemms, "hop sum": hop, "recurrence": floor_paths(model, batch)["recurrence"]}
+
+
 def isolated_per_sequence(rounds: int = 3, repeats_small: int = 201, repeats_large: int = 41) -> dict:
     """The shipped shape's forward + input-gradient (hidden 5, the model's own path) at batch 1 and
     at the largest batch, each in a loop of its own (rounds alternate the two): no other path runs
     between repeats, so batch 1 is timed warm. The interleaved table above times it after the
-    other paths, colder; the per-sequence ratio is reported both ways."""
+    other paths, colder; the per-sequence ratio is reported both ways. Each round also times the
+    largest batch's kernels alone (`kernel_parts`): what that batch would cost with no framework."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_features=N, attention="ica", ica_variant="matrix", hidden=5,
                                     r=R, d_a=D_A)).eval()
     gen = torch.Generator().manual_seed(1)
-    inputs = {b: torch.randn(b, T, N, generator=gen) for b in (1, max(BATCHES))}
+    big_batch = max(BATCHES)
+    inputs = {b: torch.randn(b, T, N, generator=gen) for b in (1, big_batch)}
     medians: dict[int, list[float]] = {b: [] for b in inputs}
+    parts = kernel_parts(model, big_batch)
+    part_medians: dict[str, list[float]] = {name: [] for name in parts}
     for _ in range(rounds):
         for b, x in inputs.items():
             for _ in range(5):
                 _run(model, x, "forward+grad")
             times = [_time(model, x, "forward+grad")[0] for _ in range(repeats_small if b == 1 else repeats_large)]
             medians[b].append(statistics.median(times))
+        for name, fn in parts.items():
+            fn()
+            times = []
+            for _ in range(repeats_large):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            part_medians[name].append(statistics.median(times))
     one, big = (statistics.median(medians[b]) for b in inputs)
-    return {"batch": max(BATCHES), "batch1_ms": one * 1e3, "batch_ms": big * 1e3,
-            "per_sequence_vs_batch1": big / max(BATCHES) / one, "rounds": rounds,
-            "repeats": [repeats_small, repeats_large]}
+    kernels = {name: statistics.median(v) * 1e3 for name, v in part_medians.items()}
+    return {"batch": big_batch, "batch1_ms": one * 1e3, "batch_ms": big * 1e3,
+            "per_sequence_vs_batch1": big / big_batch / one, "rounds": rounds,
+            "repeats": [repeats_small, repeats_large], "kernels_ms": kernels,
+            "kernels_per_sequence_vs_batch1": (sum(kernels.values()) / big_batch / (one * 1e3)
+                                               if kernels else None)}
 
 
 def wide_scores(scale: float = 40.0, repeats_small: int = 101, repeats_large: int = 21) -> dict:
@@ -264,12 +345,14 @@ def markdown_table(rows: list[dict], machine: dict, isolated: dict | None = None
         "input-gradient of the class-0 score (forward+grad) of each parallel path against the "
         "step-by-step one. `parallel` is the model's own form: the gate inputs computed outside the "
         "fused LSTM, with prefix sums over the gate width G = 4 x hidden where G < N (`folded over G`), "
-        "else over N followed by one GEMM (`folded, projected`); folded over G, its hop sum runs in "
-        "the fused kernel (training/hop_sum.py) where available, and `stock ops` is the same form on "
-        "stock torch ops (what TorchScript and ONNX exports run); `direct` feeds the (B, T, r*N) cell "
-        "inputs to a stock nn.LSTM. `floor` is the time of the two kernels every exact parallel form "
-        "must run, alone: the one unavoidable projection GEMM (r*T*N*min(N, G) multiply-adds, forward "
-        "and input-gradient) plus the fused LSTM on ready-made gate inputs; `bound` = step-by-step / "
+        "else over N followed by one GEMM (`folded, projected`); folded over G, the attention, "
+        "projection and hop sum run as one C call a sequence at a time with their own GEMMs "
+        "(training/hop_sum.py, AVX-512 builds; else the hop sum alone in C), and `stock ops` is the "
+        "same form on stock torch ops (what TorchScript and ONNX exports run); `direct` feeds the "
+        "(B, T, r*N) cell inputs to a stock nn.LSTM. `floor` is the time of the two kernels every "
+        "exact parallel form must run, alone: the one unavoidable projection GEMM (r*T*N*min(N, G) "
+        "multiply-adds, forward and input-gradient, on the faster of torch's GEMM and the C path's "
+        "tiled one) plus the fused LSTM on ready-made gate inputs; `bound` = step-by-step / "
         "floor, the largest speedup reachable on these kernels. "
         "Generated by `python benchmarks/bench_ica.py`.",
         "",
@@ -295,8 +378,10 @@ def markdown_table(rows: list[dict], machine: dict, isolated: dict | None = None
             f"{r['max_abs_diff']:.1e} |"
         )
     for r in rows:
-        if r.get("floor_per_sequence_vs_batch1") and r["batch"] > 1 and r["hidden"] == 5:
-            lines += ["", f"Per sequence at batch {r['batch']} (hidden {r['hidden']}, forward+grad): "
+        if r.get("floor_per_sequence_vs_batch1") and r["batch"] > 1:
+            shape = ("the paper's size, version 1's shape" if r["hidden"] == 5
+                     else "the shipped model's shape since version 3")
+            lines += ["", f"Per sequence at batch {r['batch']} (hidden {r['hidden']}, {shape}, forward+grad): "
                       f"{r['per_sequence_vs_batch1']:.2f}x of batch 1 (stock ops {r['per_sequence_vs_batch1_stock']:.2f}x); "
                       f"the floor's two kernels alone at batch {r['batch']} cost "
                       f"{r['floor_per_sequence_vs_batch1']:.2f}x of the model's batch-1 time per sequence "
@@ -308,6 +393,14 @@ def markdown_table(rows: list[dict], machine: dict, isolated: dict | None = None
                   f"{isolated['per_sequence_vs_batch1']:.2f}x. The interleaved table times batch 1 after "
                   f"the other paths, colder, which favours the ratio; the target counts as met only when "
                   f"both are within it."]
+        if isolated.get("kernels_ms"):
+            k = isolated["kernels_ms"]
+            lines += ["", f"The batch-{isolated['batch']} kernels alone, on ready inputs, same rounds: "
+                      + ", ".join(f"{name} {ms:.2f} ms" for name, ms in k.items())
+                      + f"; {sum(k.values()):.2f} ms in all, {isolated['kernels_per_sequence_vs_batch1']:.2f}x "
+                      f"of batch 1 per sequence: the ratio a batch of {isolated['batch']} would reach with "
+                      f"no framework around its kernels (the model at batch {isolated['batch']} spends "
+                      f"{isolated['batch_ms'] - sum(k.values()):.2f} ms beyond them)."]
     if wide:
         cells = "; ".join(f"batch {b} {v['parallel_ms']:.2f} ms against {v['stock_ms']:.2f} ms on stock ops "
                           f"(input-gradients equal to {v['max_abs_diff']:.1e}, largest {v['max_abs_gradient']:.1f})"
@@ -434,6 +527,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{isolated['per_sequence_vs_batch1']:.2f}x, batch 1 {isolated['batch1_ms']:.2f} ms, "
             f"batch {isolated['batch']} {isolated['batch_ms']:.2f} ms)"
         )
+        if isolated["kernels_ms"]:
+            console.print("  batch-%d kernels alone: %s; %.2fx of batch 1 per sequence" % (
+                isolated["batch"], ", ".join(f"{k} {v:.2f} ms" for k, v in isolated["kernels_ms"].items()),
+                isolated["kernels_per_sequence_vs_batch1"]))
     console.print("  wide attention scores ...")
     wide = wide_scores()
     console.print(f"wide attention scores (spread bound {wide['score_spread_bound']:.0f}), forward+grad: "

@@ -213,13 +213,8 @@ def test_the_toggle_switches_the_path_and_both_agree(monkeypatch):
     model = _model("matrix")
     x = torch.randn(2, 20, 40)
     calls = []
-    original = hop_sum._forward
-
-    def counting(p, *args):
-        calls.append(p.shape)
-        return original(p, *args)
-
-    monkeypatch.setattr(hop_sum, "_forward", counting)
+    original = hop_sum.folded_ica
+    monkeypatch.setattr(hop_sum, "folded_ica", lambda *args: calls.append(1) or original(*args))
     fused = model(x)
     assert len(calls) == 1
     with hop_sum.use_stock_ops():
@@ -391,7 +386,8 @@ def test_prefix_weights_gradcheck():
 
 def test_explanations_skip_the_attention_weight_gradients(monkeypatch):
     """An explanation (autograd.grad w.r.t. the inputs) of a model whose weights require grad makes
-    no GEMM shaped like W1 or W2; .backward() does, and gets the stock ops' weight gradients."""
+    no GEMM shaped like W1 or W2 (on the AVX-512 path no torch GEMM at all: the node is one C call);
+    .backward() does, and gets the stock ops' weight gradients."""
     model = _model("matrix")
     enc = model.encoder
     weight_shapes = {tuple(enc.w1.weight.shape), tuple(enc.w2.weight.shape)}
@@ -407,7 +403,7 @@ def test_explanations_skip_the_attention_weight_gradients(monkeypatch):
     monkeypatch.setattr(torch, "mm", counting)
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xg)[:, 0].sum(), xg)
-    assert torch.isfinite(grad).all() and shapes and not weight_shapes & set(shapes)
+    assert torch.isfinite(grad).all() and not weight_shapes & set(shapes)
     model(x)[:, 0].sum().backward()
     assert weight_shapes <= set(shapes)
     want = (enc.w1.weight.grad.clone(), enc.w2.weight.grad.clone())
@@ -565,3 +561,121 @@ def test_autocast_takes_the_stock_ops():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# Shapes for the whole-node C path (hop_sum.c `icaserve_ica_forward_f32`): hop counts below, at and
+# past one vector of 16 (r = 33: three vectors, the last masked); projection widths G*r that end a
+# GEMM panel on a partial vector (8*5 = 40, 4*33 = 132) or fill it (20*20 = 400); T short of, at and
+# past the 6-row tile (T = 1 included); odd feature and attention widths (N = 17, d_a = 7).
+WHOLE_SHAPES = [
+    # batch, T, N, r, d_a, G
+    (1, 1, 17, 5, 7, 8),
+    (3, 6, 40, 4, 6, 8),
+    (2, 13, 17, 33, 7, 4),
+    (5, 31, 100, 20, 50, 20),
+    (1, 100, 100, 20, 50, 20),
+]
+
+
+@pytest.mark.parametrize(("batch", "t", "n", "r", "d_a", "g"), WHOLE_SHAPES)
+def test_whole_node_in_c_equals_the_chunked_path_and_the_stock_ops(monkeypatch, batch, t, n, r, d_a, g):
+    """`FoldedICA` as one C call a sequence at a time (its own register-tiled GEMMs, forward and the
+    input-gradient) gives the gate inputs and dL/dx of the chunked path (torch's GEMMs around the
+    kernel) and of the stock ops, to 1e-5 of each result's scale."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    from training import ica
+
+    torch.manual_seed(3)
+    enc = ica.InputCellAttention(n, r=r, d_a=d_a)
+    for prm in enc.parameters():
+        prm.requires_grad_(False)  # an explanation: no weight gradient
+    w_ih = 0.3 * torch.randn(g, r * n)
+    x = 2 * torch.randn(batch, t, n)
+    gu = torch.randn(batch, t, g)
+    used = []
+    original = hop_sum._whole_in_c
+
+    def run(whole: bool, stock: bool = False):
+        monkeypatch.setattr(hop_sum, "_whole_in_c", lambda *a: used.append(whole) or (whole and original(*a)))
+        xg = x.clone().requires_grad_(True)
+        with hop_sum.use_stock_ops() if stock else contextlib.nullcontext():
+            u = enc.gate_inputs(xg, w_ih)
+        return u.detach(), torch.autograd.grad(u, xg, gu)[0]
+
+    whole = run(True)
+    assert used == [True] and original(enc.w2.weight, r)
+    for other in (run(False), run(False, stock=True)):
+        for a, b in zip(whole, other):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max().clamp(min=1)))
+
+
+def test_whole_node_weight_gradients_take_the_chunked_backward():
+    """Training (weight gradients wanted) runs the whole-node forward and the chunked backward, which
+    reads the same saved tensors: the gradients of x and every weight equal the stock ops'."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    from training import ica
+
+    torch.manual_seed(4)
+    enc = ica.InputCellAttention(30, r=5, d_a=7)
+    w_ih = (0.3 * torch.randn(8, 5 * 30)).requires_grad_(True)
+    x = (2 * torch.randn(3, 14, 30)).requires_grad_(True)
+    g = torch.randn(3, 14, 8)
+    inputs = (x, enc.w1.weight, enc.w2.weight, w_ih)
+    got = torch.autograd.grad(enc.gate_inputs(x, w_ih), inputs, g)
+    with hop_sum.use_stock_ops():
+        want = torch.autograd.grad(enc.gate_inputs(x, w_ih), inputs, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max().clamp(min=1)))
+
+
+def test_packed_weights_follow_the_weights():
+    """The C path packs the weights once and reuses them while they are unchanged; an in-place update
+    (an optimiser step), a load_state_dict or another model's weights give answers from the new
+    values, never stale packs."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    torch.manual_seed(5)
+    model, other = _model("matrix"), _model("matrix")
+    with torch.no_grad():
+        for prm in other.parameters():
+            prm.add_(0.1 * torch.randn_like(prm))
+    x = torch.randn(2, 12, 40)
+
+    def stock(m):
+        with hop_sum.use_stock_ops():
+            return m(x)
+
+    first = model(x)
+    assert model(x).equal(first)  # the cached packs: the same answer
+    for m in (other, model):
+        torch.testing.assert_close(m(x), stock(m), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        model.encoder.w1.weight.mul_(1.5)
+        model.rnn.weight_ih_l0.add_(0.05)
+    changed = model(x)
+    assert not changed.equal(first)
+    torch.testing.assert_close(changed, stock(model), rtol=1e-5, atol=1e-6)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(model(x), other(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("m", "k", "nc"), [(1, 1, 1), (7, 13, 17), (100, 100, 400), (13, 450, 100), (6, 5, 64), (5, 33, 130)])
+def test_tiled_gemm_equals_torch(m, k, nc):
+    """The C path's register-tiled GEMM (`pack` + `tiled_mm`, what `FoldedICA` multiplies with) equals
+    torch's matmul, for row counts short of and past its 6-row tile and widths that end a 64-column
+    panel on a partial vector; b may be a transposed view (the forward packs W^T)."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    torch.manual_seed(6)
+    a, b = torch.randn(m, k), torch.randn(nc, k).t()
+    want = a @ b
+    tol = 1e-6 * float(want.abs().max().clamp(min=1))  # float32 sums in another order
+    torch.testing.assert_close(hop_sum.tiled_mm(a, hop_sum.pack(b), nc), want, rtol=1e-5, atol=tol)
+    out = torch.full((m, nc), float("nan"))
+    assert hop_sum.tiled_mm(a, hop_sum.pack(b.contiguous()), nc, out) is out
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=tol)
+    with pytest.raises(ValueError):  # a packed partner of another depth
+        hop_sum.tiled_mm(a[:, 1:], hop_sum.pack(b), nc)

@@ -324,24 +324,42 @@ static inline __attribute__((always_inline)) void rows_v16(const float *pt, floa
     }
 }
 
+/* Forward, one sequence (p, w, u, inv_den, m at its start), with the caller's scratch: num (G x rp),
+ * cb (T x rp), cf (T + 1). */
+static void forward_seq_v16(const float *p, float *w, float *u, float *inv_den, float *m, float *num, float *cb,
+                            char *cf, int64_t T, int64_t R, int64_t G) {
+    const int64_t nb = (R + 15) / 16, rp = nb * 16;
+    memset(num, 0, sizeof(float) * G * rp);
+    memset(cf, 0, T);
+    hops_v16(w, inv_den, m, cb, cf, T, R, rp);
+    for (int64_t t = 0; t < T; t++) {
+        const float *ct = cf[t] ? cb + t * rp : NULL;
+#define ROWS_V16(NB) rows_v16(p + t * G * R, num, w + t * R, inv_den + t * R, ct, u + t * G, R, rp, G, NB)
+        if (nb == 1) ROWS_V16(1); else if (nb == 2) ROWS_V16(2); else ROWS_V16(nb);
+#undef ROWS_V16
+    }
+}
+
+/* The forward's scratch: num (G x rp floats), cb (T x rp), cf (T + 1 chars); 1 when out of memory. */
+static int forward_scratch_v16(float **num, float **cb, char **cf, int64_t T, int64_t R, int64_t G) {
+    const int64_t rp = (R + 15) / 16 * 16;
+    *num = alloc_v16(sizeof(float) * G * rp);
+    *cb = alloc_v16(sizeof(float) * T * rp);
+    *cf = malloc(T + 1);
+    if (*num && *cb && *cf) return 0;
+    free(*num); free(*cb); free(*cf);
+    return 1;
+}
+
 static int forward_v16(const float *p, float *w, float *u, float *inv_den, float *m, int64_t B, int64_t T,
                        int64_t R, int64_t G) {
-    const int64_t nb = (R + 15) / 16, rp = nb * 16;
-    float *num = alloc_v16(sizeof(float) * G * rp), *cb = alloc_v16(sizeof(float) * T * rp);
-    char *cf = malloc(T + 1);
-    if (!num || !cb || !cf) { free(num); free(cb); free(cf); return 1; }
+    float *num, *cb;
+    char *cf;
+    if (forward_scratch_v16(&num, &cb, &cf, T, R, G)) return 1;
     for (int64_t b = 0; b < B; b++) {
         const int64_t s0 = b * T;
-        memset(num, 0, sizeof(float) * G * rp);
-        memset(cf, 0, T);
-        hops_v16(w + s0 * R, inv_den + s0 * R, m ? m + s0 * R : NULL, cb, cf, T, R, rp);
-        for (int64_t t = 0; t < T; t++) {
-            const int64_t s = s0 + t;
-            const float *ct = cf[t] ? cb + t * rp : NULL;
-#define ROWS_V16(NB) rows_v16(p + s * G * R, num, w + s * R, inv_den + s * R, ct, u + s * G, R, rp, G, NB)
-            if (nb == 1) ROWS_V16(1); else if (nb == 2) ROWS_V16(2); else ROWS_V16(nb);
-#undef ROWS_V16
-        }
+        forward_seq_v16(p + s0 * G * R, w + s0 * R, u + s0 * G, inv_den + s0 * R, m ? m + s0 * R : NULL, num, cb,
+                        cf, T, R, G);
     }
     free(num); free(cb); free(cf);
     return 0;
@@ -434,40 +452,210 @@ static inline __attribute__((always_inline)) void bwd_rows2_v16(const float *pt,
     }
 }
 
+/* The backward's scratch, per sequence: num and rs (G x rp floats), q (rp), cb (T x rp), a (T x R),
+ * cf (T + 1 chars). */
+typedef struct {
+    float *num, *rs, *q, *cb, *a;
+    char *cf;
+} bwd_scratch_v16;
+
+static void free_bwd_scratch_v16(bwd_scratch_v16 *s) {
+    free(s->num); free(s->rs); free(s->q); free(s->cb); free(s->a); free(s->cf);
+}
+
+static int bwd_scratch_alloc_v16(bwd_scratch_v16 *s, int64_t T, int64_t R, int64_t G) {
+    const int64_t rp = (R + 15) / 16 * 16;
+    s->num = alloc_v16(sizeof(float) * G * rp);
+    s->rs = alloc_v16(sizeof(float) * G * rp);
+    s->q = alloc_v16(sizeof(float) * rp);
+    s->cb = alloc_v16(sizeof(float) * T * rp);
+    s->a = malloc(sizeof(float) * (T * R + 1));
+    s->cf = calloc(T + 1, 1);
+    if (s->num && s->rs && s->q && s->cb && s->a && s->cf) return 0;
+    free_bwd_scratch_v16(s);
+    return 1;
+}
+
+/* Backward, one sequence (every pointer at its start). */
+static void backward_seq_v16(const float *p, const float *w, const float *inv_den, const float *gu, float *gp,
+                             float *gw, int mulw, const float *m, const bwd_scratch_v16 *sc, int64_t T, int64_t R,
+                             int64_t G) {
+    const int64_t nb = (R + 15) / 16, rp = nb * 16;
+    float *num = sc->num, *rs = sc->rs, *q = sc->q, *cb = sc->cb, *a = sc->a;
+    char *cf = sc->cf;
+    if (m) factors_v16(m, cb, cf, T, R, rp);
+    memset(num, 0, sizeof(float) * G * rp);
+    for (int64_t t = 0; t < T; t++) {
+        const float *ct = cf[t] ? cb + t * rp : NULL;
+#define ROWS1_V16(NB) bwd_rows1_v16(p + t * G * R, num, w + t * R, inv_den + t * R, ct, gu + t * G, a + t * R, \
+                                    R, rp, G, NB)
+        if (nb == 1) ROWS1_V16(1); else if (nb == 2) ROWS1_V16(2); else ROWS1_V16(nb);
+#undef ROWS1_V16
+    }
+    memset(rs, 0, sizeof(float) * G * rp);
+    memset(q, 0, sizeof(float) * rp);
+    for (int64_t t = T - 1; t >= 0; t--) {
+        const float *ct = t < T - 1 && cf[t + 1] ? cb + (t + 1) * rp : NULL;
+#define ROWS2_V16(NB) bwd_rows2_v16(p + t * G * R, rs, q, w + t * R, inv_den + t * R, ct, gu + t * G, a + t * R, \
+                                    gp + t * G * R, gw + t * R, mulw, R, rp, G, NB)
+        if (nb == 1) ROWS2_V16(1); else if (nb == 2) ROWS2_V16(2); else ROWS2_V16(nb);
+#undef ROWS2_V16
+    }
+}
+
 static int backward_v16(const float *p, const float *w, const float *inv_den, const float *gu, float *gp,
                         float *gw, int mulw, const float *m, int64_t B, int64_t T, int64_t R, int64_t G) {
-    const int64_t nb = (R + 15) / 16, rp = nb * 16;
-    float *num = alloc_v16(sizeof(float) * G * rp), *rs = alloc_v16(sizeof(float) * G * rp);
-    float *q = alloc_v16(sizeof(float) * rp), *cb = alloc_v16(sizeof(float) * T * rp);
-    float *a = malloc(sizeof(float) * (T * R + 1));
-    char *cf = calloc(T + 1, 1);
-    if (!num || !rs || !q || !cb || !a || !cf) {
-        free(num); free(rs); free(q); free(cb); free(a); free(cf); return 1;
-    }
+    bwd_scratch_v16 sc;
+    if (bwd_scratch_alloc_v16(&sc, T, R, G)) return 1;
     for (int64_t b = 0; b < B; b++) {
         const int64_t s0 = b * T;
-        if (m) factors_v16(m + s0 * R, cb, cf, T, R, rp);
-        memset(num, 0, sizeof(float) * G * rp);
-        for (int64_t t = 0; t < T; t++) {
-            const int64_t s = s0 + t;
-            const float *ct = cf[t] ? cb + t * rp : NULL;
-#define ROWS1_V16(NB) bwd_rows1_v16(p + s * G * R, num, w + s * R, inv_den + s * R, ct, gu + s * G, a + t * R, \
-                                    R, rp, G, NB)
-            if (nb == 1) ROWS1_V16(1); else if (nb == 2) ROWS1_V16(2); else ROWS1_V16(nb);
-#undef ROWS1_V16
-        }
-        memset(rs, 0, sizeof(float) * G * rp);
-        memset(q, 0, sizeof(float) * rp);
-        for (int64_t t = T - 1; t >= 0; t--) {
-            const int64_t s = s0 + t;
-            const float *ct = t < T - 1 && cf[t + 1] ? cb + (t + 1) * rp : NULL;
-#define ROWS2_V16(NB) bwd_rows2_v16(p + s * G * R, rs, q, w + s * R, inv_den + s * R, ct, gu + s * G, a + t * R, \
-                                    gp + s * G * R, gw + s * R, mulw, R, rp, G, NB)
-            if (nb == 1) ROWS2_V16(1); else if (nb == 2) ROWS2_V16(2); else ROWS2_V16(nb);
-#undef ROWS2_V16
+        backward_seq_v16(p + s0 * G * R, w + s0 * R, inv_den + s0 * R, gu + s0 * G, gp + s0 * G * R, gw + s0 * R,
+                         mulw, m ? m + s0 * R : NULL, &sc, T, R, G);
+    }
+    free_bwd_scratch_v16(&sc);
+    return 0;
+}
+
+/* ---- FoldedICA whole, one sequence at a time (float32 matrix variant, AVX-512) ----------------
+ * icaserve_ica_forward_f32 and icaserve_ica_backward_f32 run training/hop_sum.py `FoldedICA` in one
+ * call: per sequence, forward the scores e = W2 tanh(W1 x), the projection p = x rows^T and the hop
+ * sum; backward the hop sum's passes, the score path's gradient and dL/dx = dL/dp rows + dL/da W1.
+ * A sequence's p (160 KB at the shipped shape) goes from the GEMM to the hop sum, and its gradient
+ * from the hop sum to the GEMM, within the core's L2 cache; in torch calls the batch's 5 MB p went
+ * through memory, and MKL's sgemm (its AVX2 code on this CPU) first zero-fills its output in a pass
+ * of its own. The GEMMs are register tiles of up to 6 rows x 4 vectors of 16 columns over weights
+ * packed once into 64-column panels (icaserve_gemm_pack_f32, cached by the caller). Measured at the
+ * shipped shape, one core: the projection's forward 53 GMAC/s against MKL's 45, its input-gradient
+ * (with W1's) 44 against 38. */
+#define PANEL 64
+#define MR_MAX 6
+
+int icaserve_tanh_f32(float *a, int64_t n);
+int icaserve_tanh_backward_f32(float *g, const float *h, int64_t n);
+
+/* B (K x Nc), element (k, c) at b[k * sk + c * sc], into panels of PANEL columns (the last one
+ * narrower), each k-major with its rows padded to whole vectors with zeros: K x roundup16(Nc)
+ * floats in all, panel c0 / PANEL at out + c0 * K. */
+int icaserve_gemm_pack_f32(const float *b, int64_t sk, int64_t sc, int64_t K, int64_t Nc, float *out) {
+    for (int64_t c0 = 0; c0 < Nc; c0 += PANEL) {
+        const int64_t w = Nc - c0 < PANEL ? Nc - c0 : PANEL, nr = (w + 15) / 16 * 16;
+        float *panel = out + c0 * K;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t i = 0; i < nr; i++) panel[k * nr + i] = i < w ? b[k * sk + (c0 + i) * sc] : 0.0f;
+    }
+    return 0;
+}
+
+/* One register tile: C[MR x w] = A1[MR x K1] B1 + A2[MR x K2] B2 over one panel (nr columns, w of
+ * them kept). MR and NV (= nr / 16) are constants after inlining, so the MR x NV accumulators stay in
+ * registers; each k broadcasts one A value per row against NV vectors of B. */
+static inline __attribute__((always_inline)) void tile_v16(const float *a1, int64_t lda1, int64_t K1,
+        const float *b1, const float *a2, int64_t lda2, int64_t K2, const float *b2, int64_t nr, float *c,
+        int64_t ldc, int64_t w, const int MR, const int NV) {
+    __m512 acc[MR_MAX][4];
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int seg = 0; seg < 2; seg++) {
+        const float *a = seg ? a2 : a1, *bp = seg ? b2 : b1;
+        const int64_t lda = seg ? lda2 : lda1, K = seg ? K2 : K1;
+        for (int64_t k = 0; k < K; k++) {
+            __m512 b[4];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_ps(bp + k * nr + 16 * v);
+#pragma GCC unroll 6
+            for (int r = 0; r < MR; r++) {
+                const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; v++) acc[r][v] = _mm512_fmadd_ps(av, b[v], acc[r][v]);
+            }
         }
     }
-    free(num); free(rs); free(q); free(cb); free(a); free(cf);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, lanes(w - 16 * v), acc[r][v]);
+}
+
+/* C (M x Nc, row stride ldc) = A1 (M x K1) B1 + A2 (M x K2) B2 (K2 = 0: no second term), B1 and B2
+ * packed by icaserve_gemm_pack_f32 with this Nc; panel by panel (one panel of B1 is 25 KB at
+ * K1 = 100: it stays in L1 while the rows pass), MR_MAX rows at a time. */
+static void gemm_v16(const float *a1, int64_t lda1, int64_t K1, const float *b1, const float *a2, int64_t lda2,
+                     int64_t K2, const float *b2, int64_t M, int64_t Nc, float *c, int64_t ldc) {
+    for (int64_t c0 = 0; c0 < Nc; c0 += PANEL) {
+        const int64_t w = Nc - c0 < PANEL ? Nc - c0 : PANEL, nr = (w + 15) / 16 * 16;
+        const float *p1 = b1 + c0 * K1, *p2 = K2 ? b2 + c0 * K2 : b1;
+        for (int64_t r0 = 0; r0 < M; r0 += MR_MAX) {
+            const int64_t mr = M - r0 < MR_MAX ? M - r0 : MR_MAX;
+            const float *x1 = a1 + r0 * lda1, *x2 = K2 ? a2 + r0 * lda2 : a1;
+            float *cc = c + r0 * ldc + c0;
+#define TILE_V16(MR, NV) tile_v16(x1, lda1, K1, p1, x2, lda2, K2, p2, nr, cc, ldc, w, MR, NV)
+#define WIDTHS_V16(MR) switch (nr / 16) { case 1: TILE_V16(MR, 1); break; case 2: TILE_V16(MR, 2); break; \
+                                          case 3: TILE_V16(MR, 3); break; default: TILE_V16(MR, 4); }
+            switch (mr) {
+                case 1: WIDTHS_V16(1); break;
+                case 2: WIDTHS_V16(2); break;
+                case 3: WIDTHS_V16(3); break;
+                case 4: WIDTHS_V16(4); break;
+                case 5: WIDTHS_V16(5); break;
+                default: WIDTHS_V16(6);
+            }
+#undef WIDTHS_V16
+#undef TILE_V16
+        }
+    }
+}
+
+/* C (M x Nc, row stride ldc) = A (M x K, row stride lda) B, B packed by icaserve_gemm_pack_f32:
+ * the GEMM alone (benchmarks/bench_ica.py times it as the floor's GEMM). */
+int icaserve_gemm_f32(const float *a, int64_t lda, int64_t K, const float *b, int64_t M, int64_t Nc, float *c,
+                      int64_t ldc) {
+    gemm_v16(a, lda, K, b, NULL, 0, 0, NULL, M, Nc, c, ldc);
+    return 0;
+}
+
+/* Forward. In: x (B, T, N); packed w1t (K = N, Nc = DA: W1^T), w2t (DA, R: W2^T), rowst (N, G*R:
+ * rows^T). Out: h = tanh(x W1^T) (B, T, DA), w the weights (B, T, R), m their running maxima, inv_den,
+ * p (B, T, G, R) and u (B, T, G), as `_gates_forward` in the online mode. */
+int icaserve_ica_forward_f32(const float *x, const float *w1t, const float *w2t, const float *rowst, float *h,
+                             float *w, float *m, float *inv_den, float *p, float *u, int64_t B, int64_t T,
+                             int64_t N, int64_t DA, int64_t R, int64_t G) {
+    float *num, *cb;
+    char *cf;
+    if (forward_scratch_v16(&num, &cb, &cf, T, R, G)) return 1;
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * T * N;
+        float *hb = h + b * T * DA, *wb = w + b * T * R, *pb = p + b * T * G * R;
+        gemm_v16(xb, N, N, w1t, NULL, 0, 0, NULL, T, DA, hb, DA);
+        icaserve_tanh_f32(hb, T * DA);
+        gemm_v16(hb, DA, DA, w2t, NULL, 0, 0, NULL, T, R, wb, R);
+        gemm_v16(xb, N, N, rowst, NULL, 0, 0, NULL, T, G * R, pb, G * R);
+        forward_seq_v16(pb, wb, u + b * T * G, inv_den + b * T * R, m + b * T * R, num, cb, cf, T, R, G);
+    }
+    free(num); free(cb); free(cf);
+    return 0;
+}
+
+/* Backward to x alone. In: forward's h, w, m, inv_den, p; gu = dL/du (B, T, G); packed w1 (DA, N),
+ * w2 (R, DA), rows (G*R, N). Out: gx = dL/dx (B, T, N). */
+int icaserve_ica_backward_f32(const float *h, const float *w, const float *m, const float *inv_den,
+                              const float *p, const float *gu, const float *w1, const float *w2, const float *rows,
+                              float *gx, int64_t B, int64_t T, int64_t N, int64_t DA, int64_t R, int64_t G) {
+    bwd_scratch_v16 sc;
+    if (bwd_scratch_alloc_v16(&sc, T, R, G)) return 1;
+    float *gp = alloc_v16(sizeof(float) * T * G * R), *ge = alloc_v16(sizeof(float) * T * R);
+    float *da = alloc_v16(sizeof(float) * T * DA);
+    if (!gp || !ge || !da) { free(gp); free(ge); free(da); free_bwd_scratch_v16(&sc); return 1; }
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t s0 = b * T;
+        backward_seq_v16(p + s0 * G * R, w + s0 * R, inv_den + s0 * R, gu + s0 * G, gp, ge, 1, m + s0 * R, &sc,
+                         T, R, G);
+        gemm_v16(ge, R, R, w2, NULL, 0, 0, NULL, T, DA, da, DA);  /* dL/dh */
+        icaserve_tanh_backward_f32(da, h + s0 * DA, T * DA);   /* dL/d(W1 x) */
+        gemm_v16(gp, G * R, G * R, rows, da, DA, DA, w1, T, N, gx + s0 * N, N);
+    }
+    free(gp); free(ge); free(da); free_bwd_scratch_v16(&sc);
     return 0;
 }
 
@@ -477,6 +665,31 @@ static int backward_v16(const float *p, const float *w, const float *inv_den, co
     if (vectorised && PH == R) return backward_v16(p, w, inv_den, gu, gp, gw, mulw, m, B, T, R, G);
 #else
 static int vectorised = 0;
+/* Without AVX-512 these are never called (`icaserve_hop_sum_vectorised` says 0); they exist so that
+ * the library has the same symbols everywhere. */
+int icaserve_gemm_pack_f32(const float *b, int64_t sk, int64_t sc, int64_t K, int64_t Nc, float *out) {
+    (void)b; (void)sk; (void)sc; (void)K; (void)Nc; (void)out;
+    return 3;
+}
+int icaserve_gemm_f32(const float *a, int64_t lda, int64_t K, const float *b, int64_t M, int64_t Nc, float *c,
+                      int64_t ldc) {
+    (void)a; (void)lda; (void)K; (void)b; (void)M; (void)Nc; (void)c; (void)ldc;
+    return 3;
+}
+int icaserve_ica_forward_f32(const float *x, const float *w1t, const float *w2t, const float *rowst, float *h,
+                             float *w, float *m, float *inv_den, float *p, float *u, int64_t B, int64_t T,
+                             int64_t N, int64_t DA, int64_t R, int64_t G) {
+    (void)x; (void)w1t; (void)w2t; (void)rowst; (void)h; (void)w; (void)m; (void)inv_den; (void)p; (void)u;
+    (void)B; (void)T; (void)N; (void)DA; (void)R; (void)G;
+    return 3;
+}
+int icaserve_ica_backward_f32(const float *h, const float *w, const float *m, const float *inv_den,
+                              const float *p, const float *gu, const float *w1, const float *w2, const float *rows,
+                              float *gx, int64_t B, int64_t T, int64_t N, int64_t DA, int64_t R, int64_t G) {
+    (void)h; (void)w; (void)m; (void)inv_den; (void)p; (void)gu; (void)w1; (void)w2; (void)rows; (void)gx;
+    (void)B; (void)T; (void)N; (void)DA; (void)R; (void)G;
+    return 3;
+}
 #define FAST_FORWARD_f32
 #define FAST_BACKWARD_f32
 #endif

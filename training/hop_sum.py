@@ -15,7 +15,10 @@ the kernel (and back) while it is still in cache. Its p is laid out (B, T, G, r)
 so that the rows of the GEMM's weight are W_ih itself, reshaped; `hop_sum` takes that layout too.
 `folded_ica` (what a float32 model calls) adds the attention's scores W2 tanh(W1 x) in front, one
 autograd node whose elementwise steps run in C as well, and weighs the steps by an online softmax
-(a running maximum per hop), so it stays in float32 for any score spread.
+(a running maximum per hop), so it stays in float32 for any score spread. Where the kernel's
+AVX-512 path is on, that node (the matrix variant) is one C call, a sequence at a time, with GEMMs
+of its own over weights packed once (`_packs`): forward always, backward when only the
+input-gradient is asked (explanations); weight gradients take the chunked torch path.
 
 Where it runs: eager CPU float32/float64 (training, the service's CPU modules, the benchmarks).
 Scripted and traced graphs (TorchScript and ONNX exports) keep the stock ops, so an exported file
@@ -30,10 +33,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from icaserve import native
 
@@ -50,6 +55,10 @@ def _library() -> ctypes.CDLL | None:
         functions[f"icaserve_hop_sum_backward_{suffix}"] = [ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
                                                             i64, i64, i64, i64, i64]
     functions["icaserve_hop_sum_vectorised"] = [ctypes.c_int]
+    functions["icaserve_gemm_pack_f32"] = [ptr, i64, i64, i64, i64, ptr]
+    functions["icaserve_gemm_f32"] = [ptr, i64, i64, ptr, i64, i64, ptr, i64]
+    functions["icaserve_ica_forward_f32"] = [ptr] * 10 + [i64] * 6
+    functions["icaserve_ica_backward_f32"] = [ptr] * 10 + [i64] * 6
     functions["icaserve_tanh_f32"] = [ptr, i64]
     functions["icaserve_tanh_backward_f32"] = [ptr, ptr, i64]
     return native.load(SOURCE, "ICA's hop sum (stock torch ops, slower on CPU)", ENV_SWITCH, functions)
@@ -141,9 +150,12 @@ def _backward(p: torch.Tensor, w: torch.Tensor, inv_den: torch.Tensor, grad_u: t
 
 
 def _check(status: int) -> None:
-    """The kernel's status: 0 done, 1 out of memory, 2 the online mode asked of float64."""
+    """The kernel's status: 0 done, 1 out of memory, 2 the online mode asked of float64, 3 an AVX-512
+    function called in a build without it."""
     if status == 1:
         raise MemoryError("hop_sum: out of memory")
+    if status == 3:
+        raise RuntimeError("hop_sum: built without AVX-512, so without its C GEMMs")
     if status:
         raise ValueError("hop_sum: the online mode is float32 only")
 
@@ -240,13 +252,25 @@ class FoldedICA(torch.autograd.Function):
         x = x_in.contiguous()
         b, t, n = x.shape
         lib = _library()
-        h = torch.mm(x.view(b * t, n), w1.t())
-        if h.dtype != torch.float32 or rows.dtype != torch.float32:  # never hand the C code other bytes
-            raise TypeError(f"FoldedICA runs in float32 only, got {h.dtype} activations, {rows.dtype} rows")
-        lib.icaserve_tanh_f32(h.data_ptr(), h.numel())
-        w = torch.mm(h, w2.t()).view(b, t, w2.shape[0])  # the scores; the kernel turns them into weights
-        m = torch.empty_like(w)
-        u, p, inv_den = _gates_forward(x, rows, w, ph, m)
+        if any(t.dtype != torch.float32 for t in (x, w1, w2, rows)):  # never hand the C code other bytes
+            raise TypeError(f"FoldedICA runs in float32 only, got {x.dtype} inputs, {w1.dtype}/{w2.dtype}/"
+                            f"{rows.dtype} weights")
+        ctx.packs = _packs(w1, w2, rows) if _whole_in_c(w2, ph) else None
+        if ctx.packs is not None:  # the whole node in one C call, a sequence at a time
+            r, d_a = w2.shape
+            g = rows.shape[0] // ph
+            h, w, m, inv_den = x.new_empty(b, t, d_a), x.new_empty(b, t, r), x.new_empty(b, t, r), x.new_empty(b, t, r)
+            p, u = x.new_empty(b, t, g, ph), x.new_empty(b, t, g)
+            w1t, w2t, rowst = ctx.packs[:3]
+            _check(lib.icaserve_ica_forward_f32(x.data_ptr(), w1t.data_ptr(), w2t.data_ptr(), rowst.data_ptr(),
+                                                h.data_ptr(), w.data_ptr(), m.data_ptr(), inv_den.data_ptr(),
+                                                p.data_ptr(), u.data_ptr(), b, t, n, d_a, r, g))
+        else:
+            h = torch.mm(x.view(b * t, n), w1.t())
+            lib.icaserve_tanh_f32(h.data_ptr(), h.numel())
+            w = torch.mm(h, w2.t()).view(b, t, w2.shape[0])  # the scores; the kernel turns them into weights
+            m = torch.empty_like(w)
+            u, p, inv_den = _gates_forward(x, rows, w, ph, m)
         ctx.save_for_backward(x_in, w1, w2, rows, h, w, p, inv_den, m)
         ctx.ph = ph
         return u
@@ -259,19 +283,90 @@ class FoldedICA(torch.autograd.Function):
         x = x.contiguous()
         b, t, n = x.shape
         want_x = ctx.needs_input_grad[0]
-        grad_x, grad_rows, grad_e = _gates_backward(x, rows, w, p, inv_den, grad_u, want_x, wanted(ctx, 3),
+        want_rows, want_w2, want_w1 = wanted(ctx, 3), wanted(ctx, 2), wanted(ctx, 1)
+        if ctx.packs is not None and want_x and not (want_rows or want_w2 or want_w1):  # an explanation
+            grad_u = grad_u.contiguous()
+            grad_x = torch.empty_like(x)
+            r, d_a = w2.shape
+            w1p, w2p, rowsp = ctx.packs[3:]
+            _check(_library().icaserve_ica_backward_f32(h.data_ptr(), w.data_ptr(), m.data_ptr(), inv_den.data_ptr(),
+                                                        p.data_ptr(), grad_u.data_ptr(), w1p.data_ptr(), w2p.data_ptr(),
+                                                        rowsp.data_ptr(), grad_x.data_ptr(), b, t, n, d_a, r,
+                                                        rows.shape[0] // ctx.ph))
+            return grad_x, None, None, None, None
+        grad_x, grad_rows, grad_e = _gates_backward(x, rows, w, p, inv_den, grad_u, want_x, want_rows,
                                                     times_w=True, m=m)
         de = grad_e.view(b * t, grad_e.shape[2])
         grad_w1 = grad_w2 = None
-        if wanted(ctx, 2):
-            grad_w2 = torch.mm(de.t(), h)
+        if want_w2:
+            grad_w2 = torch.mm(de.t(), h.view(b * t, h.shape[-1]))
         da = torch.mm(de, w2)
         _library().icaserve_tanh_backward_f32(da.data_ptr(), h.data_ptr(), da.numel())
-        if wanted(ctx, 1):
+        if want_w1:
             grad_w1 = torch.mm(da.t(), x.view(b * t, n))
         if want_x:
             grad_x.view(b * t, n).addmm_(da, w1)
         return grad_x, grad_w1, grad_w2, grad_rows, None
+
+
+def _whole_in_c(w2: torch.Tensor, ph: int) -> bool:
+    """Whether `FoldedICA` runs as one C call a sequence at a time (hop_sum.c `icaserve_ica_forward_f32`):
+    the matrix variant (one projection per hop) where the AVX-512 path is on. Its backward does too
+    when only the input-gradient is asked (an explanation); weight gradients take the chunked path."""
+    return ph == w2.shape[0] and bool(_library().icaserve_hop_sum_vectorised(-1))
+
+
+#: Packed weights of `FoldedICA`'s C path, per W1 (by identity, weakly: they go with the model); an
+#: entry holds while the weights are unchanged (`_packs`).
+_PACKS = WeakIdKeyDictionary()
+
+
+def pack(b: torch.Tensor) -> torch.Tensor:
+    """The K x Nc matrix b (any strides, float32) packed for the C GEMMs (hop_sum.c `icaserve_gemm_pack_f32`;
+    AVX-512 path only, `vectorised()`)."""
+    if b.dtype != torch.float32 or b.dim() != 2 or b.device.type != "cpu":
+        raise ValueError(f"pack: a float32 CPU matrix, got {b.dtype} {tuple(b.shape)} on {b.device}")
+    k, nc = b.shape
+    out = torch.empty(k * ((nc + 15) // 16 * 16), dtype=torch.float32)
+    _check(_library().icaserve_gemm_pack_f32(b.data_ptr(), b.stride(0), b.stride(1), k, nc, out.data_ptr()))
+    return out
+
+
+def tiled_mm(a: torch.Tensor, packed: torch.Tensor, nc: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M x K, float32, rows contiguous) times the K x nc matrix that `pack` packed, on the C path's
+    register-tiled GEMM, into `out` (M x nc, contiguous) if given: what `FoldedICA` multiplies with,
+    alone (benchmarks time it as the floor's GEMM; AVX-512 path only, `vectorised()`)."""
+    m, k = a.shape
+    if a.dtype != torch.float32 or a.stride(1) != 1 or packed.numel() != k * ((nc + 15) // 16 * 16):
+        raise ValueError(f"tiled_mm: a float32 matrix with contiguous rows and its packed K x {nc} partner")
+    if out is None:
+        out = a.new_empty(m, nc)
+    elif out.shape != (m, nc) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"tiled_mm: out must be a contiguous float32 {m} x {nc} matrix")
+    _check(_library().icaserve_gemm_f32(a.data_ptr(), a.stride(0), k, packed.data_ptr(), m, nc, out.data_ptr(), nc))
+    return out
+
+
+def _packs(w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """W1^T, W2^T, rows^T (forward) and W1, W2, rows (backward), packed. Cached while each weight is
+    the same tensor (rows: a view of the same one) with the same storage, shape, strides and version
+    (an optimiser step or load_state_dict bumps it); packing costs ~27 us at the paper's shape (hidden
+    5), 3% of its batch-1 forward and input-gradient. Inference tensors keep no version: packed on
+    every call."""
+    weights = (w1, w2, rows)
+    bases = tuple(t._base if t._base is not None else t for t in weights)
+    try:
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride()) for t in weights)
+    except RuntimeError:
+        key = None
+    hit = _PACKS.get(w1) if key is not None else None
+    if hit is not None and hit[0] == key and all(ref() is base for ref, base in zip(hit[1], bases)):
+        return hit[2]
+    detached = tuple(t.detach() for t in weights)
+    packs = tuple(pack(t.t()) for t in detached) + tuple(pack(t) for t in detached)
+    if key is not None:
+        _PACKS[w1] = (key, tuple(weakref.ref(base) for base in bases), packs)
+    return packs
 
 
 def stock_gradients(ctx, stock, inputs: tuple, grad_out: torch.Tensor) -> list:  # noqa: ANN001
