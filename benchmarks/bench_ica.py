@@ -11,7 +11,8 @@ logits from the same weights:
   LSTM gate equations applied one step at a time in Python (the authors' formulation).
 
 Modes: `forward` (under torch.no_grad) and `forward+grad` (logits, then the gradient of the
-class-0 score w.r.t. the input: one saliency map). Repetitions of the two paths are interleaved
+class-0 score w.r.t. the input: one saliency map). Weights are frozen (requires_grad off), as in the
+service's explanation modules: an explanation takes input-gradients only. Repetitions of the two paths are interleaved
 (alternating which goes first) and the median is reported. The max abs difference between the
 two paths' outputs (logits, or input-gradients) is reported beside the timings.
 
@@ -151,9 +152,10 @@ def bench_case(hidden: int, batch: int, repeats: int) -> list[dict]:
         ModelConfig(
             n_features=N, attention="ica", ica_variant="matrix", hidden=hidden, r=R, d_a=D_A
         )
-    ).eval()
+    ).eval().requires_grad_(False)
     direct = build_model(model.config).eval().set_folded(False)  # the unfolded (B, T, r, N) form
     direct.load_state_dict(model.state_dict())
+    direct.requires_grad_(False)
     x = torch.randn(batch, T, N, generator=torch.Generator().manual_seed(1))
     def stock(z: torch.Tensor) -> torch.Tensor:  # the same form on stock ops (what exports run)
         with hop_sum.use_stock_ops():
@@ -274,7 +276,7 @@ def isolated_per_sequence(rounds: int = 3, repeats_small: int = 201, repeats_lar
     largest batch's kernels alone (`kernel_parts`): what that batch would cost with no framework."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_features=N, attention="ica", ica_variant="matrix", hidden=5,
-                                    r=R, d_a=D_A)).eval()
+                                    r=R, d_a=D_A)).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
     big_batch = max(BATCHES)
     inputs = {b: torch.randn(b, T, N, generator=gen) for b in (1, big_batch)}
@@ -311,7 +313,7 @@ def wide_scores(scale: float = 40.0, repeats_small: int = 101, repeats_large: in
     difference of the input-gradients."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_features=N, attention="ica", ica_variant="matrix", hidden=5,
-                                    r=R, d_a=D_A)).eval()
+                                    r=R, d_a=D_A)).eval().requires_grad_(False)
     with torch.no_grad():
         model.encoder.w2.weight.mul_(scale)
 
@@ -347,7 +349,10 @@ def markdown_table(rows: list[dict], machine: dict, isolated: dict | None = None
         "fused LSTM, with prefix sums over the gate width G = 4 x hidden where G < N (`folded over G`), "
         "else over N followed by one GEMM (`folded, projected`); folded over G, the attention, "
         "projection and hop sum run as one C call a sequence at a time with their own GEMMs "
-        "(training/hop_sum.py, AVX-512 builds; else the hop sum alone in C), and `stock ops` is the "
+        "(training/hop_sum.py, AVX-512 builds; else the hop sum alone in C); projected, with frozen "
+        "weights on AVX-512, the attention, the per-hop prefix means and the GEMM with W_ih run as one "
+        "C call a sequence at a time too (`ProjectedICA`). Weights are frozen (requires_grad off) "
+        "throughout, as the service explains. `stock ops` is the "
         "same form on stock torch ops (what TorchScript and ONNX exports run); `direct` feeds the "
         "(B, T, r*N) cell inputs to a stock nn.LSTM. `floor` is the time of the two kernels every "
         "exact parallel form must run, alone: the one unavoidable projection GEMM (r*T*N*min(N, G) "

@@ -368,10 +368,11 @@ def _same_answers(reference: torch.nn.Module, candidate: torch.nn.Module, manife
 
 
 def fused_explain_module(stored: torch.nn.Module, manifest: Manifest) -> torch.nn.Module | None:
-    """An eager CPU copy of a folded ICA model for explanations, whose hop sum runs in the fused
-    kernel (training/hop_sum.py): a TorchScript graph can only run the stock ops, whose backward
-    costs several passes over (B, T, r, G) tensors (BENCHMARKS.md: the fused form's forward +
-    input-gradient). Built from the manifest's architecture and the TorchScript's (`stored`)
+    """An eager CPU copy of a folded ICA model for explanations, whose attention runs in the fused
+    kernel (training/hop_sum.py; with AVX-512 and the weights frozen here, the whole attention node
+    in one C call, G < N or not): a TorchScript graph can only run the stock ops, whose backward
+    costs several passes over (B, T, r, G) or (B, T, r, N) tensors (BENCHMARKS.md: the fused form's
+    forward + input-gradient). Built from the manifest's architecture and the TorchScript's (`stored`)
     weights, every dropout at p=0, in eval mode, and used only if it answers the same (logits and
     input-gradients on a fixed input). Predictions stay on the TorchScript: forward alone gains
     little, and the graph runs with the GIL released. None (TorchScript explains): the kernel is

@@ -679,3 +679,107 @@ def test_tiled_gemm_equals_torch(m, k, nc):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=tol)
     with pytest.raises(ValueError):  # a packed partner of another depth
         hop_sum.tiled_mm(a[:, 1:], hop_sum.pack(b), nc)
+
+
+# The projected order (G >= N): widths N short of, at and past 128 (the backward keeps dL/dx[t] in
+# registers up to 8 vectors), T = 1 included, the shipped model's shape last (hidden 64: G = 256).
+PROJECTED_SHAPES = [
+    # batch, T, N, r, d_a, G
+    (1, 1, 5, 3, 4, 8),
+    (2, 13, 17, 5, 7, 20),
+    (3, 30, 40, 4, 6, 40),
+    (2, 9, 130, 3, 5, 140),
+    (2, 100, 100, 20, 50, 256),
+]
+
+
+def _projected_case(n: int, r: int, d_a: int, g: int, scale: float = 1.0):  # noqa: ANN202
+    from training import ica
+
+    torch.manual_seed(7)
+    enc = ica.InputCellAttention(n, r=r, d_a=d_a)
+    with torch.no_grad():
+        enc.w2.weight.mul_(scale)
+    enc.requires_grad_(False)
+    return enc, 0.3 * torch.randn(g, r * n)
+
+
+def _gates_and_grad(enc, w_ih: torch.Tensor, x: torch.Tensor, gu: torch.Tensor, stock: bool):  # noqa: ANN001, ANN202
+    xg = x.clone().requires_grad_(True)
+    with hop_sum.use_stock_ops() if stock else contextlib.nullcontext():
+        u = enc.gate_inputs(xg, w_ih)
+    return u.detach(), torch.autograd.grad(u, xg, gu)[0]
+
+
+@pytest.mark.parametrize(("batch", "t", "n", "r", "d_a", "g"), PROJECTED_SHAPES)
+def test_projected_path_equals_the_stock_ops(monkeypatch, batch, t, n, r, d_a, g):
+    """G >= N with frozen weights (an explanation): `ProjectedICA`, one C call a sequence at a time
+    whose backward recomputes the per-hop means instead of keeping them, gives the stock ops' gate
+    inputs and dL/dx, to 1e-5 of each result's scale."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    enc, w_ih = _projected_case(n, r, d_a, g)
+    x, gu = 2 * torch.randn(batch, t, n), torch.randn(batch, t, g)
+    calls = []
+    original = hop_sum.ProjectedICA.forward
+    monkeypatch.setattr(hop_sum.ProjectedICA, "forward", staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
+    got = _gates_and_grad(enc, w_ih, x, gu, stock=False)
+    assert calls == [1]
+    want = _gates_and_grad(enc, w_ih, x, gu, stock=True)
+    assert calls == [1]
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max().clamp(min=1)))
+
+
+def test_projected_path_stays_float32_past_the_safe_spread():
+    """W2 x 40 (score spread past the float32-safe 60, where stock ops sum in float64) over T = 3000:
+    the online softmax keeps the C path in float32, finite, equal to the stock ops."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    enc, w_ih = _projected_case(8, 4, 6, 32, scale=40.0)
+    assert enc.score_spread_bound() > enc.float32_safe_spread
+    x, gu = 2 * torch.randn(2, 3000, 8), torch.randn(2, 3000, 32)
+    got = _gates_and_grad(enc, w_ih, x, gu, stock=False)
+    want = _gates_and_grad(enc, w_ih, x, gu, stock=True)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max().clamp(min=1)))
+
+
+def test_projected_path_leaves_training_to_the_stock_ops(monkeypatch):
+    """Weights that require grad under grad mode (training) keep the stock ops, so their gradients
+    come from autograd; with grad mode off the same model takes the C path and answers the same."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    model = _model("matrix", hidden=16)  # G = 64 >= N = 40: the projected order
+    assert model.rnn.weight_ih_l0.shape[0] >= 40
+    calls = []
+    original = hop_sum.ProjectedICA.forward
+    monkeypatch.setattr(hop_sum.ProjectedICA, "forward", staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
+    x = torch.randn(2, 12, 40)
+    model(x)[:, 0].sum().backward()
+    assert not calls and model.encoder.w1.weight.grad is not None
+    with torch.no_grad():
+        fast = model(x)
+    assert calls == [1]
+    with hop_sum.use_stock_ops(), torch.no_grad():
+        torch.testing.assert_close(fast, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_projected_second_derivatives_equal_the_stock_ops():
+    """A Hessian-vector product in x through the projected C path (create_graph) differentiates the
+    stock ops rebuilt on the saved inputs: the stock ops' answer."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    model = _model("matrix", hidden=16).requires_grad_(False)
+    x0, v = torch.randn(2, 10, 40), torch.randn(2, 10, 40)
+    results = []
+    for stock in (False, True):
+        x = x0.clone().requires_grad_(True)
+        with hop_sum.use_stock_ops() if stock else contextlib.nullcontext():
+            (g,) = torch.autograd.grad(model(x)[:, 0].sum(), x, create_graph=True)
+            (hvp,) = torch.autograd.grad((g * v).sum(), x)
+        results.append((g.detach(), hvp))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max().clamp(min=1)))

@@ -59,6 +59,8 @@ def _library() -> ctypes.CDLL | None:
     functions["icaserve_gemm_f32"] = [ptr, i64, i64, ptr, i64, i64, ptr, i64]
     functions["icaserve_ica_forward_f32"] = [ptr] * 10 + [i64] * 6
     functions["icaserve_ica_backward_f32"] = [ptr] * 10 + [i64] * 6
+    functions["icaserve_ica_projected_forward_f32"] = [ptr] * 9 + [i64] * 6
+    functions["icaserve_ica_projected_backward_f32"] = [ptr] * 10 + [i64] * 6
     functions["icaserve_tanh_f32"] = [ptr, i64]
     functions["icaserve_tanh_backward_f32"] = [ptr, ptr, i64]
     return native.load(SOURCE, "ICA's hop sum (stock torch ops, slower on CPU)", ENV_SWITCH, functions)
@@ -307,6 +309,76 @@ class FoldedICA(torch.autograd.Function):
         if want_x:
             grad_x.view(b * t, n).addmm_(da, w1)
         return grad_x, grad_w1, grad_w2, grad_rows, None
+
+
+class ProjectedICA(torch.autograd.Function):
+    """ICA's gate inputs u = W_ih vec(M_t) (B, T, G) in the projected order (G >= N: the prefix means
+    of x per hop, then one GEMM with W_ih), from float32 x and frozen weights, as one C call a
+    sequence at a time (hop_sum.c `icaserve_ica_projected_forward_f32`): the same scores and online
+    softmax as `FoldedICA`, the (B, T, r, N) means never formed, and backward the input-gradient
+    only. Explanations and predictions of frozen models take it (callers check `projected_applies`);
+    training keeps the stock ops, whose autograd gives the weight gradients."""
+
+    @staticmethod
+    def forward(ctx, x_in: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_ih: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        x = x_in.contiguous()
+        if any(t.dtype != torch.float32 for t in (x, w1, w2, w_ih)):  # never hand the C code other bytes
+            raise TypeError(f"ProjectedICA runs in float32 only, got {x.dtype} inputs")
+        b, t, n = x.shape
+        r, d_a = w2.shape
+        g = w_ih.shape[0]
+        packs = _packs(w1, w2, w_ih)
+        h, w, m, inv_den = x.new_empty(b, t, d_a), x.new_empty(b, t, r), x.new_empty(b, t, r), x.new_empty(b, t, r)
+        u = x.new_empty(b, t, g)
+        _check(_library().icaserve_ica_projected_forward_f32(
+            x.data_ptr(), packs[0].data_ptr(), packs[1].data_ptr(), packs[2].data_ptr(), h.data_ptr(), w.data_ptr(),
+            m.data_ptr(), inv_den.data_ptr(), u.data_ptr(), b, t, n, d_a, r, g))
+        ctx.save_for_backward(x, w1, w2, w_ih, h, w, m, inv_den)
+        ctx.packs = packs
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u: torch.Tensor):  # noqa: ANN001, ANN205 - autograd's signature
+        x, w1, w2, w_ih, h, w, m, inv_den = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the stock ops (second derivatives)
+            return tuple(stock_gradients(ctx, _stock_projected, (x, w1, w2, w_ih), grad_u))
+        grad_u = grad_u.contiguous()
+        grad_x = torch.empty_like(x)
+        b, t, n = x.shape
+        r, d_a = w2.shape
+        _check(_library().icaserve_ica_projected_backward_f32(
+            x.data_ptr(), h.data_ptr(), w.data_ptr(), m.data_ptr(), inv_den.data_ptr(), grad_u.data_ptr(),
+            ctx.packs[3].data_ptr(), ctx.packs[4].data_ptr(), ctx.packs[5].data_ptr(), grad_x.data_ptr(),
+            b, t, n, d_a, r, w_ih.shape[0]))
+        return grad_x if ctx.needs_input_grad[0] else None, None, None, None
+
+
+def _stock_projected(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_ih: torch.Tensor) -> torch.Tensor:
+    """`ProjectedICA` on stock ops, with their float64 sums past the float32-safe score spread."""
+    from training.ica import FLOAT32_SAFE_SPREAD, score_spread_bound, stock_prefix_weights
+
+    w = stock_prefix_weights(x, w1, w2, score_spread_bound(w2) > FLOAT32_SAFE_SPREAD)
+    xs = x.to(w.dtype)
+    num = torch.cumsum(w.unsqueeze(-1) * xs.unsqueeze(2), dim=1)
+    means = (num / torch.cumsum(w, dim=1).unsqueeze(-1)).to(x.dtype)
+    return torch.matmul(means.flatten(2), w_ih.t())
+
+
+def projected_applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_ih: torch.Tensor) -> bool:
+    """Whether `projected_ica` runs for these tensors: `applies`, float32 throughout, the kernel's
+    AVX-512 path on, the matrix variant's shapes (W_ih (G, r*N)), and no weight gradient possible
+    (grad mode off, or every weight frozen: the service's explanation modules)."""
+    r, n = w2.shape[0], x.shape[-1]
+    return (applies(x, x) and all(t.dtype == torch.float32 for t in (x, w1, w2, w_ih))
+            and w_ih.dim() == 2 and w_ih.shape[1] == r * n
+            and not (torch.is_grad_enabled() and (w1.requires_grad or w2.requires_grad or w_ih.requires_grad))
+            and bool(_library().icaserve_hop_sum_vectorised(-1)))
+
+
+def projected_ica(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_ih: torch.Tensor) -> torch.Tensor:
+    """The gate inputs u (B, T, G) of the matrix variant in the projected order (`ProjectedICA`;
+    callers check `projected_applies`)."""
+    return ProjectedICA.apply(x, w1, w2, w_ih)
 
 
 def _whole_in_c(w2: torch.Tensor, ph: int) -> bool:

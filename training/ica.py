@@ -214,6 +214,9 @@ class InputCellAttention(nn.Module):
         """
         g = w_ih.shape[0]
         if g >= self.n_features:
+            if not torch.jit.is_scripting():  # eager CPU float32, frozen weights: one C call (hop_sum.py)
+                if self.variant == "matrix" and hop_sum.projected_applies(x, self.w1.weight, self.w2.weight, w_ih):
+                    return hop_sum.projected_ica(x, self.w1.weight, self.w2.weight, w_ih)
             return torch.matmul(self.forward(x), w_ih.t())
         # rows ordered (gate, hop), so x @ rows.T is p (B, T, G, r): for `matrix` a view of W_ih
         if self.variant == "matrix":
