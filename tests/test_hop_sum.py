@@ -574,6 +574,7 @@ WHOLE_SHAPES = [
     (2, 13, 17, 33, 7, 4),
     (5, 31, 100, 20, 50, 20),
     (1, 100, 100, 20, 50, 20),
+    (2, 7, 20, 70, 66, 2),  # r and d_a past one 64-column panel
 ]
 
 
@@ -783,3 +784,62 @@ def test_projected_second_derivatives_equal_the_stock_ops():
         results.append((g.detach(), hvp))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max().clamp(min=1)))
+
+
+@pytest.mark.parametrize(("batch", "t"), [(0, 5), (2, 0)])
+@pytest.mark.parametrize("hidden", [5, 16], ids=["folded", "projected"])
+def test_c_paths_take_empty_batches_and_sequences(batch, t, hidden):
+    """No sequences, or sequences of no steps, through either C node: empty answers, no error."""
+    model = _model("matrix", hidden=hidden).requires_grad_(False)
+    x = torch.randn(batch, t, 40, requires_grad=True)
+    u = model.encoder.gate_inputs(x, model.rnn.weight_ih_l0)
+    assert u.shape == (batch, t, model.rnn.weight_ih_l0.shape[0])
+    (grad,) = torch.autograd.grad(u.sum(), x, allow_unused=True)
+    assert grad is None or grad.shape == x.shape
+
+
+def test_c_paths_refuse_shapes_that_do_not_agree():
+    """A feature width the weights were not made for is refused before any C GEMM reads past the
+    packed weights (the stock ops refused it too)."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    model = _model("matrix")
+    for width in (39, 41, 64):
+        with pytest.raises(ValueError, match="shapes do not agree"):
+            model(torch.randn(2, 5, width))
+    enc = model.encoder
+    w_ih = torch.randn(64, 4 * 40)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        hop_sum.projected_ica(torch.randn(2, 5, 41), enc.w1.weight, enc.w2.weight, w_ih)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        hop_sum.projected_ica(torch.randn(2, 5, 40), enc.w1.weight, enc.w2.weight, w_ih[:, 1:])
+
+
+@pytest.mark.parametrize("hidden", [5, 16], ids=["folded", "projected"])
+def test_packed_weights_follow_data_swaps_and_in_place_updates(hidden):
+    """Both C nodes' packed weights: a `.data` swap (a new storage, possibly at a freed one's address)
+    and an in-place update under no_grad give the new weights' answers; a write behind the version
+    counter (`.data.mul_`) is seen after `clear_packs`."""
+    if not hop_sum.vectorised():
+        pytest.skip("the kernel was built without AVX-512")
+    model = _model("matrix", hidden=hidden).requires_grad_(False)
+    x = torch.randn(2, 12, 40)
+
+    def stock() -> torch.Tensor:
+        with hop_sum.use_stock_ops():
+            return model(x)
+
+    weight = model.rnn.weight_ih_l0
+    for _ in range(5):
+        before = model(x)
+        for _ in range(2):  # the second swap's storage may take the address the first one freed
+            weight.data = weight.data + 0.05 * torch.randn_like(weight)
+        after = model(x)
+        assert not after.equal(before)
+        torch.testing.assert_close(after, stock(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        model.encoder.w2.weight.mul_(1.3)
+    torch.testing.assert_close(model(x), stock(), rtol=1e-5, atol=1e-6)
+    model.encoder.w1.weight.data.mul_(0.5)  # behind the version counter
+    hop_sum.clear_packs()
+    torch.testing.assert_close(model(x), stock(), rtol=1e-5, atol=1e-6)

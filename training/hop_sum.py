@@ -257,6 +257,8 @@ class FoldedICA(torch.autograd.Function):
         if any(t.dtype != torch.float32 for t in (x, w1, w2, rows)):  # never hand the C code other bytes
             raise TypeError(f"FoldedICA runs in float32 only, got {x.dtype} inputs, {w1.dtype}/{w2.dtype}/"
                             f"{rows.dtype} weights")
+        _check_shapes(x, w1, w2, rows, lambda n, r: rows.dim() == 2 and ph >= 1 and rows.shape[0] >= ph
+                      and rows.shape[0] % ph == 0 and rows.shape[1] == n, "FoldedICA")
         ctx.packs = _packs(w1, w2, rows) if _whole_in_c(w2, ph) else None
         if ctx.packs is not None:  # the whole node in one C call, a sequence at a time
             r, d_a = w2.shape
@@ -324,6 +326,8 @@ class ProjectedICA(torch.autograd.Function):
         x = x_in.contiguous()
         if any(t.dtype != torch.float32 for t in (x, w1, w2, w_ih)):  # never hand the C code other bytes
             raise TypeError(f"ProjectedICA runs in float32 only, got {x.dtype} inputs")
+        _check_shapes(x, w1, w2, w_ih, lambda n, r: w_ih.dim() == 2 and w_ih.shape[0] >= 1
+                      and w_ih.shape[1] == r * n, "ProjectedICA")
         b, t, n = x.shape
         r, d_a = w2.shape
         g = w_ih.shape[0]
@@ -381,6 +385,16 @@ def projected_ica(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_ih: tor
     return ProjectedICA.apply(x, w1, w2, w_ih)
 
 
+def _check_shapes(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, inputs: torch.Tensor, fits, what: str) -> None:  # noqa: ANN001
+    """x (B, T, N), W1 (d_a, N) and W2 (r, d_a) agree, and `fits(N, r)` says the input weights do, so
+    the C GEMMs read only what the packed weights hold (a wrong feature width would read past them);
+    a ValueError names the shapes, as a stock matmul would have refused them."""
+    ok = x.dim() == 3 and w1.dim() == 2 and w2.dim() == 2
+    if not (ok and w1.shape[1] == x.shape[2] and w2.shape[1] == w1.shape[0] and fits(x.shape[2], w2.shape[0])):
+        raise ValueError(f"{what}: shapes do not agree: x {tuple(x.shape)}, W1 {tuple(w1.shape)}, "
+                         f"W2 {tuple(w2.shape)}, input weights {tuple(inputs.shape)}")
+
+
 def _whole_in_c(w2: torch.Tensor, ph: int) -> bool:
     """Whether `FoldedICA` runs as one C call a sequence at a time (hop_sum.c `icaserve_ica_forward_f32`):
     the matrix variant (one projection per hop) where the AVX-512 path is on. Its backward does too
@@ -409,22 +423,33 @@ def tiled_mm(a: torch.Tensor, packed: torch.Tensor, nc: int, out: torch.Tensor |
     register-tiled GEMM, into `out` (M x nc, contiguous) if given: what `FoldedICA` multiplies with,
     alone (benchmarks time it as the floor's GEMM; AVX-512 path only, `vectorised()`)."""
     m, k = a.shape
-    if a.dtype != torch.float32 or a.stride(1) != 1 or packed.numel() != k * ((nc + 15) // 16 * 16):
-        raise ValueError(f"tiled_mm: a float32 matrix with contiguous rows and its packed K x {nc} partner")
+    if (a.dtype != torch.float32 or a.device.type != "cpu" or a.stride(1) != 1 or packed.dtype != torch.float32
+            or packed.device.type != "cpu" or not packed.is_contiguous()
+            or packed.numel() != k * ((nc + 15) // 16 * 16)):
+        raise ValueError(f"tiled_mm: a float32 CPU matrix with contiguous rows and its packed K x {nc} partner")
     if out is None:
         out = a.new_empty(m, nc)
-    elif out.shape != (m, nc) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"tiled_mm: out must be a contiguous float32 {m} x {nc} matrix")
+    elif (out.shape != (m, nc) or out.dtype != torch.float32 or out.device.type != "cpu"
+          or not out.is_contiguous()):
+        raise ValueError(f"tiled_mm: out must be a contiguous float32 CPU {m} x {nc} matrix")
     _check(_library().icaserve_gemm_f32(a.data_ptr(), a.stride(0), k, packed.data_ptr(), m, nc, out.data_ptr(), nc))
     return out
+
+
+def clear_packs() -> None:
+    """Forget every packed weight (`_packs`): needed only after writing weights behind autograd's
+    version counter (through `.data` or numpy), which the cache, like autograd's own check of saved
+    tensors, cannot see."""
+    _PACKS.clear()
 
 
 def _packs(w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """W1^T, W2^T, rows^T (forward) and W1, W2, rows (backward), packed. Cached while each weight is
     the same tensor (rows: a view of the same one) with the same storage, shape, strides and version
-    (an optimiser step or load_state_dict bumps it); packing costs ~27 us at the paper's shape (hidden
-    5), 3% of its batch-1 forward and input-gradient. Inference tensors keep no version: packed on
-    every call."""
+    (an optimiser step, an in-place op or load_state_dict bumps it; the entry holds the storages, so
+    no new weight can take their address); packing costs ~27 us at the paper's shape (hidden 5), 3%
+    of its batch-1 forward and input-gradient. Inference tensors keep no version: packed on every
+    call. Writes behind the version counter need `clear_packs`."""
     weights = (w1, w2, rows)
     bases = tuple(t._base if t._base is not None else t for t in weights)
     try:
@@ -437,7 +462,7 @@ def _packs(w1: torch.Tensor, w2: torch.Tensor, rows: torch.Tensor) -> tuple[torc
     detached = tuple(t.detach() for t in weights)
     packs = tuple(pack(t.t()) for t in detached) + tuple(pack(t) for t in detached)
     if key is not None:
-        _PACKS[w1] = (key, tuple(weakref.ref(base) for base in bases), packs)
+        _PACKS[w1] = (key, tuple(weakref.ref(base) for base in bases), packs, detached)
     return packs
 
 
