@@ -310,6 +310,18 @@ def run_targets(args: argparse.Namespace, store: ModelStore, name: str, predict_
     seconds = args.seconds
     bodies = {"/predict": predict_body, "/explain": explain_body}
     cells: dict[tuple[str, str, int], list[dict]] = {}
+
+    def floor_variant(rnd: int, label: str, env: dict[str, str]) -> None:
+        """One /predict cell at one client on the floor app run with `env` (FLOOR_PARSER, FLOOR_WORK_MS)."""
+        floor = ServerProcess(args.store, env, command=FLOOR_COMMAND, ready=("POST", "/", predict_body))
+        try:
+            drive(floor.url, "/", predict_body, 1, 1.0)
+            r = drive(floor.url, "/predict", predict_body, 1, seconds)
+            cells.setdefault((label, "/predict", 1), []).append(r)
+            console.print(f"round {rnd + 1} {label} /predict clients=  1 {r['rps']:8.1f} req/s "
+                          f"mean {r['mean_ms']:7.2f} ms (of it computing: {r['server_ms']['model']:.2f} ms)")
+        finally:
+            floor.stop()
     for rnd in range(args.rounds):
         floor = ServerProcess(args.store, {}, command=FLOOR_COMMAND, ready=("POST", "/", predict_body))
         try:
@@ -322,16 +334,7 @@ def run_targets(args: argparse.Namespace, store: ModelStore, name: str, predict_
         finally:
             floor.stop()
         # the same floor reading the body with icaserve's own scanner (service/tensor_json.py)
-        floor = ServerProcess(args.store, {"FLOOR_PARSER": "scanner"}, command=FLOOR_COMMAND,
-                              ready=("POST", "/", predict_body))
-        try:
-            drive(floor.url, "/", predict_body, 1, 1.0)
-            r = drive(floor.url, "/predict", predict_body, 1, seconds)
-            cells.setdefault(("floor, scanner", "/predict", 1), []).append(r)
-            console.print(f"round {rnd + 1} floor, scanner /predict clients=  1 {r['rps']:8.1f} req/s "
-                          f"mean {r['mean_ms']:7.2f} ms")
-        finally:
-            floor.stop()
+        floor_variant(rnd, "floor, scanner", {"FLOOR_PARSER": "scanner"})
         # each commit with its own defaults (no --workers: 74cf6e2's default is 1, this tree's one per CPU)
         servers = [("old", old_root, None), ("new", ROOT, None)] + [
             (f"new, {w} workers", ROOT, w) for w in args.new_workers]
@@ -351,16 +354,7 @@ def run_targets(args: argparse.Namespace, store: ModelStore, name: str, predict_
                 server.stop()
         # the floor again, computing as long as this round's model did at one client, in a thread
         work_ms = cells[("new", "/predict", 1)][-1]["server_ms"]["model"]
-        floor = ServerProcess(args.store, {"FLOOR_WORK_MS": f"{work_ms:.3f}"}, command=FLOOR_COMMAND,
-                              ready=("POST", "/", predict_body))
-        try:
-            drive(floor.url, "/", predict_body, 1, 1.0)
-            r = drive(floor.url, "/predict", predict_body, 1, seconds)
-            cells.setdefault(("floor, work", "/predict", 1), []).append(r)
-            console.print(f"round {rnd + 1} floor + {work_ms:.2f} ms of work /predict clients=  1 "
-                          f"{r['rps']:8.1f} req/s mean {r['mean_ms']:7.2f} ms work {r['server_ms']['model']:6.2f} ms")
-        finally:
-            floor.stop()
+        floor_variant(rnd, "floor, work", {"FLOOR_WORK_MS": f"{work_ms:.3f}"})
     captum = captum_baseline(store, name, seconds)
 
     def mean_of(runs: list[dict], key: str) -> float:
