@@ -36,6 +36,18 @@ from service import metrics
 log = logging.getLogger("icaserve.batching")
 
 
+def _model_thread_init() -> None:
+    """Give the model thread the process's intra-op thread count (`ICASERVE_TORCH_THREADS`). A new
+    thread starts with OpenMP's default team, one thread per core, and oneDNN's LSTM reads it before
+    any torch op has applied the process's setting to that thread. With two workers on two cores
+    each LSTM then ran a team of two that spun against the other worker's: /explain on version 4,
+    batching off, 4 clients, served 49 req/s at 40 ms of model time per request, against 158 req/s
+    at 6 ms with one worker."""
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+
+
 class QueueFull(Exception):
     pass
 
@@ -94,7 +106,8 @@ class Batcher:
         self.enabled = enabled
         self._queue: deque[Job] = deque()
         self._arrived = asyncio.Event()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"icaserve-{name}")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"icaserve-{name}",
+                                           initializer=_model_thread_init)
         self._task: asyncio.Task | None = None
         self._running = False  # the worker holds jobs (collecting, computing or answering them)
         self._direct = False  # a job of the idle lane computes (`_dispatch_now`)

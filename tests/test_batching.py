@@ -204,3 +204,28 @@ def test_with_a_batching_window_a_lone_request_waits_for_company():
 
     assert run(main()) == [[2], [4]]
     assert compute.batches == [[1, 2]]
+
+
+def test_model_thread_runs_the_configured_intra_op_threads():
+    """The batcher's model thread applies the process's intra-op thread count to OpenMP before its
+    first job: a fresh thread's OpenMP team is one thread per core, which oneDNN's LSTM used, so two
+    workers on two cores spun against each other (/explain on version 4 ran 6x slower)."""
+    import ctypes
+    from pathlib import Path
+
+    import torch
+
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    gomp = [line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+            if "libgomp" in line and line.split()[-1].startswith(torch_lib)]
+    if not gomp:
+        pytest.skip("torch does not ship its OpenMP runtime here")
+    lib = ctypes.CDLL(gomp[0])  # torch's own copy (other packages may load another): its settings count
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batcher = Batcher("explain", max_batch=4, max_wait_s=0.0, max_queue=4)
+        assert batcher.executor.submit(lib.omp_get_max_threads).result() == 1
+        batcher.executor.shutdown()
+    finally:
+        torch.set_num_threads(before)
