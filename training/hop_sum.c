@@ -616,6 +616,23 @@ int icaserve_gemm_f32(const float *a, int64_t lda, int64_t K, const float *b, in
     return 0;
 }
 
+/* The attention's scores for one sequence: h = tanh(x W1^T) (T x DA), e = h W2^T (T x R), with W1^T
+ * and W2^T packed. */
+static void scores_seq_v16(const float *x, const float *w1t, const float *w2t, float *h, float *e, int64_t T,
+                           int64_t N, int64_t DA, int64_t R) {
+    gemm_v16(x, N, N, w1t, NULL, 0, 0, NULL, T, DA, h, DA, 0);
+    icaserve_tanh_f32(h, T * DA);
+    gemm_v16(h, DA, DA, w2t, NULL, 0, 0, NULL, T, R, e, R, 0);
+}
+
+/* The scores' gradient back through W2 and tanh for one sequence: da = (ge W2) * (1 - h^2), the
+ * gradient of W1 x (T x DA), with W2 packed. */
+static void scores_grad_seq_v16(const float *ge, const float *w2, const float *h, float *da, int64_t T,
+                                int64_t DA, int64_t R) {
+    gemm_v16(ge, R, R, w2, NULL, 0, 0, NULL, T, DA, da, DA, 0);  /* dL/dh */
+    icaserve_tanh_backward_f32(da, h, T * DA);
+}
+
 /* Forward. In: x (B, T, N); packed w1t (K = N, Nc = DA: W1^T), w2t (DA, R: W2^T), rowst (N, G*R:
  * rows^T). Out: h = tanh(x W1^T) (B, T, DA), w the weights (B, T, R), m their running maxima, inv_den,
  * p (B, T, G, R) and u (B, T, G), as `_gates_forward` in the online mode. */
@@ -628,9 +645,7 @@ int icaserve_ica_forward_f32(const float *x, const float *w1t, const float *w2t,
     for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * T * N;
         float *hb = h + b * T * DA, *wb = w + b * T * R, *pb = p + b * T * G * R;
-        gemm_v16(xb, N, N, w1t, NULL, 0, 0, NULL, T, DA, hb, DA, 0);
-        icaserve_tanh_f32(hb, T * DA);
-        gemm_v16(hb, DA, DA, w2t, NULL, 0, 0, NULL, T, R, wb, R, 0);
+        scores_seq_v16(xb, w1t, w2t, hb, wb, T, N, DA, R);
         gemm_v16(xb, N, N, rowst, NULL, 0, 0, NULL, T, G * R, pb, G * R, 0);
         forward_seq_v16(pb, wb, u + b * T * G, inv_den + b * T * R, m + b * T * R, num, cb, cf, T, R, G);
     }
@@ -652,8 +667,7 @@ int icaserve_ica_backward_f32(const float *h, const float *w, const float *m, co
         const int64_t s0 = b * T;
         backward_seq_v16(p + s0 * G * R, w + s0 * R, inv_den + s0 * R, gu + s0 * G, gp, ge, 1, m + s0 * R, &sc,
                          T, R, G);
-        gemm_v16(ge, R, R, w2, NULL, 0, 0, NULL, T, DA, da, DA, 0);  /* dL/dh */
-        icaserve_tanh_backward_f32(da, h + s0 * DA, T * DA);   /* dL/d(W1 x) */
+        scores_grad_seq_v16(ge, w2, h + s0 * DA, da, T, DA, R);
         gemm_v16(gp, G * R, G * R, rows, da, DA, DA, w1, T, N, gx + s0 * N, N, 0);
     }
     free(gp); free(ge); free(da); free_bwd_scratch_v16(&sc);
@@ -707,9 +721,7 @@ int icaserve_ica_projected_forward_f32(const float *x, const float *w1t, const f
         const int64_t s0 = b * T;
         const float *xb = x + s0 * N;
         float *wb = w + s0 * R, *ib = inv_den + s0 * R;
-        gemm_v16(xb, N, N, w1t, NULL, 0, 0, NULL, T, DA, h + s0 * DA, DA, 0);
-        icaserve_tanh_f32(h + s0 * DA, T * DA);
-        gemm_v16(h + s0 * DA, DA, DA, w2t, NULL, 0, 0, NULL, T, R, wb, R, 0);
+        scores_seq_v16(xb, w1t, w2t, h + s0 * DA, wb, T, N, DA, R);
         memset(cf, 0, T);
         hops_v16(wb, ib, m + s0 * R, cb, cf, T, R, rp);
         memset(S, 0, sizeof(float) * R * np);
@@ -792,8 +804,7 @@ int icaserve_ica_projected_backward_f32(const float *x, const float *h, const fl
             for (int64_t v = 0; held && v < nv; v++)
                 _mm512_mask_storeu_ps(gxb + t * N + 16 * v, lanes(N - 16 * v), dx[v]);
         }
-        gemm_v16(ge, R, R, w2, NULL, 0, 0, NULL, T, DA, da, DA, 0);  /* dL/dh */
-        icaserve_tanh_backward_f32(da, h + s0 * DA, T * DA);   /* dL/d(W1 x) */
+        scores_grad_seq_v16(ge, w2, h + s0 * DA, da, T, DA, R);
         gemm_v16(da, DA, DA, w1, NULL, 0, 0, NULL, T, N, gxb, N, 1);  /* added to the means' part */
     }
     free(S); free(Rs); free(dM); free(cb); free(a); free(q); free(ge); free(da); free(cf);

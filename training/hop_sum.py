@@ -359,13 +359,10 @@ class ProjectedICA(torch.autograd.Function):
 
 def _stock_projected(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_ih: torch.Tensor) -> torch.Tensor:
     """`ProjectedICA` on stock ops, with their float64 sums past the float32-safe score spread."""
-    from training.ica import FLOAT32_SAFE_SPREAD, score_spread_bound, stock_prefix_weights
+    from training.ica import FLOAT32_SAFE_SPREAD, prefix_means, score_spread_bound, stock_prefix_weights
 
     w = stock_prefix_weights(x, w1, w2, score_spread_bound(w2) > FLOAT32_SAFE_SPREAD)
-    xs = x.to(w.dtype)
-    num = torch.cumsum(w.unsqueeze(-1) * xs.unsqueeze(2), dim=1)
-    means = (num / torch.cumsum(w, dim=1).unsqueeze(-1)).to(x.dtype)
-    return torch.matmul(means.flatten(2), w_ih.t())
+    return torch.matmul(prefix_means(x, w).to(x.dtype).flatten(2), w_ih.t())
 
 
 def projected_applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_ih: torch.Tensor) -> bool:
@@ -376,7 +373,7 @@ def projected_applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_ih:
     return (applies(x, x) and all(t.dtype == torch.float32 for t in (x, w1, w2, w_ih))
             and w_ih.dim() == 2 and w_ih.shape[1] == r * n
             and not (torch.is_grad_enabled() and (w1.requires_grad or w2.requires_grad or w_ih.requires_grad))
-            and bool(_library().icaserve_hop_sum_vectorised(-1)))
+            and vectorised())
 
 
 def projected_ica(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w_ih: torch.Tensor) -> torch.Tensor:
@@ -399,7 +396,7 @@ def _whole_in_c(w2: torch.Tensor, ph: int) -> bool:
     """Whether `FoldedICA` runs as one C call a sequence at a time (hop_sum.c `icaserve_ica_forward_f32`):
     the matrix variant (one projection per hop) where the AVX-512 path is on. Its backward does too
     when only the input-gradient is asked (an explanation); weight gradients take the chunked path."""
-    return ph == w2.shape[0] and bool(_library().icaserve_hop_sum_vectorised(-1))
+    return ph == w2.shape[0] and vectorised()
 
 
 #: Packed weights of `FoldedICA`'s C path, per W1 (by identity, weakly: they go with the model); an

@@ -126,6 +126,16 @@ def prefix_weighted_sum(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.matmul(num, inv_den).squeeze(-1)
 
 
+def prefix_means(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """M_t for every t (B, T, r, N): each hop's prefix mean of x (B, T, N) weighted by w (B, T, r),
+    in w's dtype, on stock ops (`InputCellAttention.embed`; the stock form of the projected C path,
+    training/hop_sum.py `ProjectedICA`)."""
+    xs = x.to(w.dtype)
+    num = torch.cumsum(w.unsqueeze(-1) * xs.unsqueeze(2), dim=1)  # (B, T, r, N)
+    den = torch.cumsum(w, dim=1).unsqueeze(-1)  # (B, T, r, 1)
+    return num / den
+
+
 class InputCellAttention(nn.Module):
     """Maps x (B, T, N) to the cell inputs: (B, T, r*N) for `matrix`, (B, T, N) for `mean`."""
 
@@ -156,11 +166,7 @@ class InputCellAttention(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """M_t for every t, shape (B, T, r, N)."""
-        w = self._prefix_weights(x)
-        xs = x.to(w.dtype)
-        num = torch.cumsum(w.unsqueeze(-1) * xs.unsqueeze(2), dim=1)  # (B, T, r, N)
-        den = torch.cumsum(w, dim=1).unsqueeze(-1)  # (B, T, r, 1)
-        return (num / den).to(x.dtype)
+        return prefix_means(x, self._prefix_weights(x)).to(x.dtype)
 
     def _prefix_weights(self, x: torch.Tensor) -> torch.Tensor:
         """exp(e_s - max_s e_s), shape (B, T, r), in (0, 1], in the dtype the prefix sums run in:
